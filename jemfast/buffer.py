@@ -1,0 +1,104 @@
+"""Replay buffer for Persistent Contrastive Divergence, resident on the training device.
+
+Indices, re-initialisation masks and uniform noise are all drawn on the device from torch's
+generator for that device, so drawing a batch never synchronises with the host. On a CUDA
+device with Triton the gather + re-init is one fused kernel (``jemfast.kernels.buffer``).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class ReplayBuffer:
+    """``capacity`` stored samples of ``shape``, initialised to U(-1, 1).
+
+    With ``n_classes`` the buffer is split into ``n_classes`` equal shares of
+    ``capacity // n_classes`` rows (class c owns rows ``[c * share, (c + 1) * share)``), so that
+    ``sample(B, y)`` draws chains of class ``y[i]`` as the original JEM code's class-conditional
+    sampler does.
+    """
+
+    def __init__(self, capacity: int, shape: tuple[int, ...], n_classes: int | None = None,
+                 reinit_freq: float = 0.05, device: torch.device | str | None = None) -> None:
+        if capacity < 1:
+            raise ValueError(f"buffer_size: must be >= 1, got {capacity}")
+        if not 0.0 <= reinit_freq <= 1.0:
+            raise ValueError(f"reinit_freq: must be in [0, 1], got {reinit_freq}")
+        if n_classes is not None and capacity < n_classes:
+            raise ValueError(f"buffer_size: {capacity} rows cannot hold {n_classes} classes")
+        self.capacity = capacity
+        self.shape = tuple(shape)
+        self.n_classes = n_classes
+        self.reinit_freq = reinit_freq
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.data = self.random_init(capacity)
+        self._use_kernel = _kernel_usable(self.device)
+        self._kernel_rng = None
+
+    @property
+    def per_class(self) -> int:
+        """Rows owned by each class (the whole buffer when unconditional)."""
+        return self.capacity // self.n_classes if self.n_classes else self.capacity
+
+    def random_init(self, n: int) -> torch.Tensor:
+        """``Tensor[n, *shape]`` of U(-1, 1) samples on the buffer's device."""
+        return torch.rand((n, *self.shape), device=self.device) * 2 - 1
+
+    def draw_indices(self, batch_size: int, y: torch.Tensor | None = None) -> torch.Tensor:
+        """``Tensor[B] int64`` of buffer rows: uniform, or within class ``y[i]``'s share."""
+        if y is None:
+            return torch.randint(0, self.capacity, (batch_size,), device=self.device)
+        if self.n_classes is None:
+            raise ValueError("class-conditional draw needs a buffer built with n_classes")
+        offsets = torch.randint(0, self.per_class, (batch_size,), device=self.device)
+        return offsets + y.to(self.device) * self.per_class
+
+    def sample(self, batch_size: int, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``batch_size`` chains: ``(x: Tensor[B, *shape] fp32, idx: Tensor[B] int64)``.
+
+        Each drawn row is replaced, independently with probability ``reinit_freq``, by a fresh
+        U(-1, 1) sample. The buffer itself is not modified until :meth:`update`.
+        """
+        idx = self.draw_indices(batch_size, y)
+        reinit = torch.rand(batch_size, device=self.device) < self.reinit_freq
+        if self._use_kernel:
+            from jemfast.kernels.buffer import gather_reinit
+
+            if self._kernel_rng is None:
+                seed = torch.randint(0, 2**31 - 1, (1,), device=self.device)
+                self._kernel_rng = torch.cat([seed, torch.zeros_like(seed)])
+            return gather_reinit(self.data, idx, reinit, self._kernel_rng), idx
+        x = self.data[idx]
+        fresh = self.random_init(batch_size)
+        mask = reinit.view(-1, *([1] * len(self.shape)))
+        return torch.where(mask, fresh, x), idx
+
+    def update(self, idx: torch.Tensor, x: torch.Tensor) -> None:
+        """Write finished chains ``x: Tensor[B, *shape]`` back to rows ``idx``."""
+        self.data.index_copy_(0, idx, x.detach().to(self.data.dtype))
+
+    def reset(self) -> None:
+        """Re-initialise every row to U(-1, 1) (a stability recovery action)."""
+        self.data = self.random_init(self.capacity)
+
+    def state_dict(self) -> dict:
+        return {"data": self.data, "reinit_freq": self.reinit_freq,
+                "n_classes": -1 if self.n_classes is None else self.n_classes}
+
+    def load_state_dict(self, state: dict) -> None:
+        data = state["data"]
+        if tuple(data.shape) != (self.capacity, *self.shape):
+            raise ValueError(f"buffer: checkpoint holds shape {tuple(data.shape)}, "
+                             f"expected {(self.capacity, *self.shape)}")
+        self.data = data.to(self.device, torch.float32).clone()
+        self.reinit_freq = float(state["reinit_freq"])
+
+
+def _kernel_usable(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        from jemfast.kernels import triton_available
+    except ImportError:
+        return False
+    return triton_available(device)

@@ -1,0 +1,126 @@
+"""Checkpoints that resume bit-for-bit, written atomically and read weights-only.
+
+A checkpoint is a dict of tensors and plain Python values only (so ``torch.load(...,
+weights_only=True)`` reads it; a file carrying any other pickled object is refused)::
+
+    format_version, jemfast_version, config (Config.to_dict()), model, optimizer, scheduler,
+    buffer, rng {torch, cuda, numpy, python}, step, epoch, batch_in_epoch, best_valid_acc,
+    restarts, sampler {n_steps, step_size}
+
+Writes go to a temporary file in the same directory, are fsync'ed, then renamed over the
+target, so a crash (even ``kill -9``) leaves either the old or the new file, never a torn one.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+FORMAT_VERSION = 1
+
+
+def rng_state() -> dict[str, Any]:
+    """All RNG states: torch CPU, every CUDA device, numpy's global, Python's ``random``."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np_s = state["numpy"]
+    np.random.set_state(("MT19937", np_s["keys"].numpy().astype(np.uint32), np_s["pos"],
+                         np_s["has_gauss"], np_s["cached"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def atomic_save(obj: dict[str, Any], path: str | Path) -> None:
+    """``torch.save`` to a temp file beside ``path``, fsync, rename over ``path``, fsync the dir."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint dict weights-only. Raises UserError (one line) when the file is missing,
+    truncated/corrupt, carries pickled objects, or is not a jemfast checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unpickling error"
+        if "weights_only" in str(exc) or "Unsupported" in str(exc) or "global" in str(exc).lower():
+            raise UserError(f"checkpoint {path} was refused: it carries pickled objects that "
+                            f"weights-only loading does not run ({first[:120]})") from None
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({first[:120]})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({first[:120]})") from None
+    if not isinstance(ckpt, dict) or "format_version" not in ckpt or "model" not in ckpt:
+        raise UserError(f"checkpoint {path} is not a jemfast checkpoint")
+    if ckpt["format_version"] > FORMAT_VERSION:
+        raise UserError(f"checkpoint {path} has format {ckpt['format_version']}, "
+                        f"this jemfast reads up to {FORMAT_VERSION}; upgrade jemfast")
+    return ckpt
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint for library use.
+
+    Returns ``{"model": JEM (eval mode, on device), "buffer": ReplayBuffer, "config": Config,
+    "step": int, "epoch": int, "raw": the checkpoint dict}``.
+    """
+    from .buffer import ReplayBuffer
+    from .config import Config
+    from .energy import JEM
+    from .models import build_classifier
+
+    ckpt = read_checkpoint(path, map_location=device)
+    cfg = Config.from_dict(ckpt["config"])
+    shape, n_classes = tuple(ckpt["input_shape"]), int(ckpt["n_classes"])
+    model = JEM(build_classifier(cfg.model, shape, n_classes)).to(device)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise UserError(f"checkpoint {path}: model weights do not fit the model in its config "
+                        f"({str(exc).splitlines()[0][:120]})") from None
+    model.eval()
+    buffer = ReplayBuffer(cfg.sampler.buffer_size, shape,
+                          n_classes if cfg.sampler.class_cond else None,
+                          cfg.sampler.reinit_freq, device)
+    buffer.load_state_dict(ckpt["buffer"])
+    return {"model": model, "buffer": buffer, "config": cfg, "step": ckpt["step"],
+            "epoch": ckpt["epoch"], "raw": ckpt}

@@ -1,0 +1,166 @@
+"""Datasets, held whole on the training device as float tensors in [-1, 1].
+
+- ``digits``: scikit-learn's bundled 8x8 digits (1,797 images, 1x8x8), fixed stratified
+  train/valid/test split of 1,257 / 180 / 360.
+- ``toy2d``: a labelled mixture of 8 Gaussians on a circle of radius 0.6 (std 0.08), 2-D points.
+- ``cifar10``, ``cifar100``, ``svhn``: torchvision, downloaded into ``data_dir``; the last
+  ``n_valid`` images of a fixed permutation of the train split are the validation set.
+
+Augmentation (reflect-pad 4 + random 32x32 crop, horizontal flip except SVHN) runs batched on
+the device; the N(0, noise_std) training noise is added by the training loop.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .config import DataConfig
+from .errors import UserError
+
+TOY_MODES = 8
+TOY_RADIUS = 0.6
+TOY_STD = 0.08
+
+
+@dataclass
+class Split:
+    """``x: Tensor[N, *shape]`` float32 in [-1, 1] and ``y: Tensor[N]`` int64, on one device."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def n_batches(self, batch_size: int, drop_last: bool) -> int:
+        return len(self) // batch_size if drop_last else math.ceil(len(self) / batch_size)
+
+    def batches(self, batch_size: int, order_seed: int | None = None, start: int = 0,
+                drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(x, y)`` batches from batch ``start`` on.
+
+        ``order_seed`` shuffles with a permutation that depends only on that seed (so a resumed
+        epoch replays the same order); ``None`` keeps the stored order.
+        """
+        n = len(self)
+        if order_seed is None:
+            order = torch.arange(n, device=self.x.device)
+        else:
+            gen = torch.Generator().manual_seed(order_seed)
+            order = torch.randperm(n, generator=gen).to(self.x.device)
+        for b in range(start, self.n_batches(batch_size, drop_last)):
+            idx = order[b * batch_size:(b + 1) * batch_size]
+            yield self.x[idx], self.y[idx]
+
+
+@dataclass
+class DataBundle:
+    name: str
+    input_shape: tuple[int, ...]
+    n_classes: int
+    train: Split
+    valid: Split
+    test: Split
+    augment_flip: bool = False
+    augment_crop: bool = False
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        """Random reflect-pad-4 crop and horizontal flip of ``x: Tensor[B, C, H, W]`` on its device."""
+        if self.augment_crop:
+            x = random_crop(x, pad=4)
+        if self.augment_flip:
+            flip = torch.rand(x.shape[0], device=x.device) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+        return x
+
+
+def random_crop(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Per-image random crop of ``x: Tensor[B, C, H, W]`` after reflect padding by ``pad``."""
+    b, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (b, 1), device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (b, 1), device=x.device)
+    rows = (dy + torch.arange(h, device=x.device)).view(b, 1, h, 1).expand(b, c, h, w + 2 * pad)
+    out = padded.gather(2, rows)
+    cols = (dx + torch.arange(w, device=x.device)).view(b, 1, 1, w).expand(b, c, h, w)
+    return out.gather(3, cols)
+
+
+def _split(x: np.ndarray, y: np.ndarray, idx: np.ndarray, device: torch.device) -> Split:
+    return Split(torch.as_tensor(x[idx], dtype=torch.float32, device=device),
+                 torch.as_tensor(y[idx], dtype=torch.int64, device=device))
+
+
+def load_digits_bundle(device: torch.device) -> DataBundle:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = (digits.images.astype(np.float32) / 16.0 * 2.0 - 1.0)[:, None]  # [1797, 1, 8, 8]
+    y = digits.target.astype(np.int64)
+    idx = np.arange(len(y))
+    rest, test = train_test_split(idx, test_size=360, stratify=y, random_state=0)
+    train, valid = train_test_split(rest, test_size=180, stratify=y[rest], random_state=0)
+    return DataBundle("digits", (1, 8, 8), 10, _split(x, y, train, device),
+                      _split(x, y, valid, device), _split(x, y, test, device))
+
+
+def toy2d_points(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` points of the 8-Gaussian mixture, ``(x: [n, 2] float32, y: [n] int64)``."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, TOY_MODES, n)
+    angle = 2 * np.pi * y / TOY_MODES
+    centers = TOY_RADIUS * np.stack([np.cos(angle), np.sin(angle)], 1)
+    x = centers + TOY_STD * rng.standard_normal((n, 2))
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def load_toy2d_bundle(device: torch.device) -> DataBundle:
+    splits = []
+    for n, seed in ((4000, 0), (1000, 1), (1000, 2)):
+        x, y = toy2d_points(n, seed)
+        splits.append(_split(x, y, np.arange(n), device))
+    return DataBundle("toy2d", (2,), TOY_MODES, *splits)
+
+
+def _torchvision_arrays(name: str, data_dir: str, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    import torchvision
+
+    try:
+        if name == "svhn":
+            ds = torchvision.datasets.SVHN(data_dir, split="train" if train else "test", download=True)
+            return ds.data, np.asarray(ds.labels)  # data: [N, 3, 32, 32] uint8
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        ds = cls(data_dir, train=train, download=True)
+        return ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets)  # HWC -> CHW
+    except Exception as exc:  # network errors, corrupt archives, read-only dirs
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"could not load {name} into --data-dir {data_dir} ({reason}); "
+                        f"download it there by hand or try --dataset digits") from None
+
+
+def load_torchvision_bundle(cfg: DataConfig, device: torch.device) -> DataBundle:
+    x_tr, y_tr = _torchvision_arrays(cfg.dataset, cfg.data_dir, train=True)
+    x_te, y_te = _torchvision_arrays(cfg.dataset, cfg.data_dir, train=False)
+    to_float = lambda a: a.astype(np.float32) / 255.0 * 2.0 - 1.0  # noqa: E731
+    x_tr, x_te = to_float(x_tr), to_float(x_te)
+    perm = np.random.default_rng(0).permutation(len(y_tr))
+    n_valid = min(cfg.n_valid, len(y_tr) - 1)
+    train_idx, valid_idx = perm[:len(perm) - n_valid], perm[len(perm) - n_valid:]
+    n_classes = 100 if cfg.dataset == "cifar100" else 10
+    return DataBundle(cfg.dataset, (3, 32, 32), n_classes, _split(x_tr, y_tr, train_idx, device),
+                      _split(x_tr, y_tr, valid_idx, device), _split(x_te, y_te, np.arange(len(y_te)), device),
+                      augment_flip=cfg.augment and cfg.dataset != "svhn", augment_crop=cfg.augment)
+
+
+def load_data(cfg: DataConfig, device: torch.device) -> DataBundle:
+    """Load ``cfg.dataset`` onto ``device``. Raises UserError when it cannot be had."""
+    if cfg.dataset == "digits":
+        return load_digits_bundle(device)
+    if cfg.dataset == "toy2d":
+        return load_toy2d_bundle(device)
+    return load_torchvision_bundle(cfg, device)

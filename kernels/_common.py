@@ -1,0 +1,101 @@
+"""Shared helpers of ``jemfast.kernels``: is Triton usable here, and the device-side RNG state.
+
+Triton is optional. Without it this package still imports and its pure-PyTorch references work;
+the launchers raise ``RuntimeError`` and :func:`triton_available` returns ``False``.
+
+CPU runs use Triton's interpreter, which is chosen by ``TRITON_INTERPRET=1``. That variable must
+be in the environment **before the first** ``import triton`` in the process: Triton's own
+library functions (``tl.randn``, ``tl.rand``, ...) are decorated once, when ``triton`` is
+imported, and a kernel run by the interpreter cannot call library functions compiled for the
+GPU ("Cannot call @triton.jit'd outside of the scope of a kernel"). Beware that
+``import torchvision`` (through ``torch._dynamo``) imports ``triton``. :func:`interpret_mode`
+therefore looks at what Triton actually did, not at the variable.
+
+RNG state: ``rng_state`` is an int64 tensor ``[2] = (seed, offset)`` on the kernels' device.
+Kernels read it from device memory, give element ``i`` of a launch the Philox counter
+``offset + i``, and the launcher then advances ``offset`` by the number of counters used with a
+device-side ``add_``. Nothing is passed as a Python int, so a launch captured in a CUDA graph
+reads the current offset on every replay and draws fresh noise, with no host synchronisation.
+"""
+import os
+
+import torch
+
+try:  # Triton is optional: no wheel on some platforms, and the references need only torch.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+__all__ = ["HAS_TRITON", "interpret_mode", "triton_available", "new_rng_state",
+           "check_rng_state", "require_triton"]
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs kernels in its CPU interpreter.
+
+    That is the case only if ``TRITON_INTERPRET=1`` was set when ``triton`` was first imported
+    (see the module docstring); setting it later yields a half-interpreted state that cannot
+    run ``tl.randn``/``tl.rand``, and this function reports ``False`` for it.
+    """
+    if not HAS_TRITON:
+        return False
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - older/newer Triton layout
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return isinstance(tl.randn, InterpretedFunction)
+
+
+def triton_available(device: torch.device | str) -> bool:
+    """Can the Triton kernels of this package run on ``device``?
+
+    True if ``triton`` imports and either ``device`` is a CUDA device (and CUDA is available),
+    or ``device`` is the CPU and Triton is in interpreter mode (``TRITON_INTERPRET=1`` set
+    before ``import triton``). Never synchronises with a device.
+    """
+    if not HAS_TRITON:
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available()
+    if device.type == "cpu":
+        return interpret_mode()
+    return False
+
+
+def require_triton(device: torch.device, op: str) -> None:
+    """Raise a ``RuntimeError`` naming ``op`` if :func:`triton_available` is false for ``device``."""
+    if not triton_available(device):
+        why = ("triton is not installed" if not HAS_TRITON else
+               f"device {device} needs CUDA, or TRITON_INTERPRET=1 set before `import triton` "
+               "for the CPU interpreter")
+        raise RuntimeError(f"{op}: Triton kernel unavailable ({why}); use {op}_reference instead")
+
+
+def new_rng_state(seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A fresh kernel RNG state: int64 tensor ``[2] = (seed, 0)`` on ``device``.
+
+    ``seed`` keys the Philox generator (``0 <= seed < 2**63``); the second entry is the counter
+    offset that every launch advances on the device. Save the tensor in checkpoints to resume
+    the noise stream exactly.
+    """
+    seed = int(seed)
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed: must be in [0, 2**63), got {seed}")
+    return torch.tensor([seed, 0], dtype=torch.int64, device=device)
+
+
+def check_rng_state(rng_state: torch.Tensor, device: torch.device, op: str) -> None:
+    """Raise ``ValueError`` unless ``rng_state`` is a contiguous int64 ``[2]`` tensor on ``device``."""
+    if not isinstance(rng_state, torch.Tensor):
+        raise ValueError(f"{op}: rng_state must be a tensor (see new_rng_state), got {type(rng_state)}")
+    if rng_state.dtype != torch.int64 or tuple(rng_state.shape) != (2,) or not rng_state.is_contiguous():
+        raise ValueError(f"{op}: rng_state must be a contiguous int64 tensor of shape [2] = (seed, offset), "
+                         f"got {rng_state.dtype} {tuple(rng_state.shape)}")
+    if rng_state.device != device:
+        raise ValueError(f"{op}: rng_state is on {rng_state.device}, expected {device} (same device as the data)")

@@ -1,0 +1,163 @@
+"""Replay-buffer gather with in-kernel re-initialisation, and the write-back of finished chains.
+
+``gather_reinit`` is one Triton kernel: program ``(r, c)`` copies columns ``[c*BLOCK, (c+1)*BLOCK)``
+of buffer row ``idx[r]`` into output row ``r`` as fp32, or, where ``reinit[r]`` is set, writes
+U(-1, 1) noise drawn in the kernel with Philox (``tl.rand``) instead and skips the read. It
+replaces ``buffer[idx]`` + ``torch.rand`` + ``torch.where`` (three full-size passes and a
+temporary) with one read and one write, and never leaves the device.
+
+Noise and CUDA graphs. The Philox seed and counter offset live in a device tensor
+``rng_state: int64[2] = (seed, offset)`` (see :func:`new_rng_state`). The kernel loads both from
+device memory; element ``(r, j)`` of the ``[B, D]``-flattened output gets the counter
+``offset + r * D + j``. After the launch the launcher advances the offset by ``B * D`` with
+``rng_state[1:].add_(B * D)`` -- a device op, no host sync -- whether or not any row was
+re-initialised (the mask is never read on the host). A CUDA graph that captured the launch
+replays the load of the *current* offset and the add, so every replay draws fresh noise;
+restarting from a saved copy of ``rng_state`` reproduces it bit for bit.
+
+``scatter_rows_`` is *not* a Triton kernel: ``Tensor.index_copy_`` already is one fused,
+sync-free, graph-capturable device kernel for ``buffer[idx] = x``, and a hand-written scatter
+would only add code. The references are :func:`gather_reinit_reference` and ``buffer[idx] = x``.
+"""
+import math
+
+import torch
+from torch import Tensor
+
+from ._common import HAS_TRITON, check_rng_state, new_rng_state, require_triton, tl, triton, triton_available
+
+__all__ = ["gather_reinit", "gather_reinit_reference", "scatter_rows_", "new_rng_state", "triton_available"]
+
+BLOCK_SIZE = 1024  # columns per program (one 3x32x32 image is 3 programs)
+_BUFFER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _gather_reinit_kernel(buf_ptr, idx_ptr, reinit_ptr, out_ptr, rng_ptr, row_size,
+                              BLOCK: tl.constexpr):
+        """out[r, j] = U(-1, 1) at counter offset + r*D + j if reinit[r] else buf[idx[r], j]."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < row_size
+        src_row = tl.load(idx_ptr + row)
+        keep = tl.load(reinit_ptr + row) == 0
+        kept = tl.load(buf_ptr + src_row * row_size + cols, mask=mask & keep).to(tl.float32)
+        seed = tl.load(rng_ptr)
+        base = tl.load(rng_ptr + 1)
+        noise = tl.rand(seed, base + row * row_size + cols) * 2.0 - 1.0
+        tl.store(out_ptr + row * row_size + cols, tl.where(keep, kept, noise), mask=mask)
+
+
+def _row_shape_check(buffer: Tensor, idx: Tensor, op: str) -> None:
+    if not isinstance(buffer, Tensor) or not isinstance(idx, Tensor):
+        raise ValueError(f"{op}: buffer and idx must be tensors")
+    if buffer.dim() < 1:
+        raise ValueError(f"{op}: buffer must have shape [N, *shape], got a 0-d tensor")
+    if idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{op}: idx must be a 1-d int64 tensor [B], got {idx.dtype} {tuple(idx.shape)}")
+    if idx.device != buffer.device:
+        raise ValueError(f"{op}: idx is on {idx.device}, buffer on {buffer.device}")
+
+
+def gather_reinit(buffer: Tensor, idx: Tensor, reinit: Tensor, rng_state: Tensor,
+                  out: Tensor | None = None) -> Tensor:
+    """Gather chains ``buffer[idx]`` as fp32, replacing rows with ``reinit`` set by U(-1, 1) noise.
+
+    Args:
+        buffer: ``[N, *shape]``, fp32/bf16/fp16, contiguous -- the replay buffer (values in
+            [-1, 1] for images).
+        idx: ``[B]`` int64 (int32 accepted) row indices, ``0 <= idx < N`` (not checked: that
+            would need a host sync; negative indices are not supported). Duplicates are fine.
+        reinit: ``[B]`` bool -- rows to re-initialise instead of reading.
+        rng_state: int64 ``[2] = (seed, offset)`` on the buffer's device; its offset advances
+            by ``B * prod(shape)`` on the device (see the module docstring).
+        out: optional preallocated contiguous fp32 ``[B, *shape]`` tensor to write into (e.g.
+            a static CUDA-graph input).
+
+    Returns:
+        ``[B, *shape]`` fp32: ``buffer[idx[r]]`` for rows without ``reinit``, values uniform in
+        [-1, 1) for rows with it.
+
+    Raises:
+        ValueError: non-contiguous or non-float buffer, malformed idx/reinit/rng_state/out, or
+            mismatched devices.
+        RuntimeError: Triton cannot run on the buffer's device (see ``triton_available``).
+    """
+    op = "gather_reinit"
+    _row_shape_check(buffer, idx, op)
+    if buffer.dtype not in _BUFFER_DTYPES:
+        raise ValueError(f"{op}: buffer must be float32, bfloat16 or float16, got {buffer.dtype}")
+    if not buffer.is_contiguous():
+        raise ValueError(f"{op}: buffer must be contiguous, got strides {buffer.stride()}")
+    if not isinstance(reinit, Tensor) or reinit.dtype != torch.bool or tuple(reinit.shape) != tuple(idx.shape):
+        raise ValueError(f"{op}: reinit must be a bool tensor of shape {tuple(idx.shape)}, got "
+                         f"{getattr(reinit, 'dtype', type(reinit))} {tuple(getattr(reinit, 'shape', ()))}")
+    if reinit.device != buffer.device:
+        raise ValueError(f"{op}: reinit is on {reinit.device}, buffer on {buffer.device}")
+    check_rng_state(rng_state, buffer.device, op)
+    require_triton(buffer.device, op)
+    batch, row_shape = idx.shape[0], tuple(buffer.shape[1:])
+    row_size = math.prod(row_shape)
+    if out is None:
+        out = torch.empty((batch, *row_shape), dtype=torch.float32, device=buffer.device)
+    elif (out.dtype != torch.float32 or tuple(out.shape) != (batch, *row_shape)
+          or not out.is_contiguous() or out.device != buffer.device):
+        raise ValueError(f"{op}: out must be a contiguous float32 tensor of shape {(batch, *row_shape)} "
+                         f"on {buffer.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if batch == 0 or row_size == 0:
+        return out
+    idx = idx.to(torch.int64).contiguous()
+    flags = reinit.contiguous().view(torch.uint8)  # bool -> bytes: a plain int8 load in the kernel
+    grid = (batch, triton.cdiv(row_size, BLOCK_SIZE))
+    _gather_reinit_kernel[grid](buffer, idx, flags, out, rng_state, row_size, BLOCK=BLOCK_SIZE)
+    rng_state[1:].add_(batch * row_size)
+    return out
+
+
+def gather_reinit_reference(buffer: Tensor, idx: Tensor, reinit: Tensor,
+                            uniform: Tensor | None = None) -> Tensor:
+    """Plain PyTorch gather + re-init: ``where(reinit, uniform, buffer[idx].float())``.
+
+    Args:
+        buffer: ``[N, *shape]`` float; idx: ``[B]`` int64; reinit: ``[B]`` bool.
+        uniform: fp32 ``[B, *shape]`` values in [-1, 1) for the re-initialised rows; ``None``
+            draws them with ``torch.rand(...) * 2 - 1`` from torch's generator for the buffer's
+            device (so the reference is usable on its own, e.g. as the CPU path).
+
+    Returns:
+        A new ``[B, *shape]`` fp32 tensor.
+    """
+    kept = buffer[idx].float()
+    if uniform is None:
+        uniform = torch.rand(kept.shape, device=kept.device) * 2 - 1
+    mask = reinit.view(-1, *([1] * (kept.dim() - 1)))
+    return torch.where(mask, uniform.float(), kept)
+
+
+def scatter_rows_(buffer: Tensor, idx: Tensor, x: Tensor) -> None:
+    """Write finished chains back: ``buffer[idx] = x``, in place, via ``Tensor.index_copy_``.
+
+    Not a Triton kernel (see the module docstring): ``index_copy_`` is already a single fused
+    device kernel with no host sync. ``x`` (``[B, *shape]``, any float dtype) is cast to the
+    buffer's dtype. With duplicate indices, which of the duplicate rows lands is unspecified
+    (as for ``buffer[idx] = x``); draw indices without replacement where that matters.
+
+    Args:
+        buffer: ``[N, *shape]`` float, updated in place.
+        idx: ``[B]`` int64 (int32 accepted) row indices in ``[0, N)``.
+        x: ``[B, *shape]`` float, same device.
+
+    Raises:
+        ValueError: shape, dtype or device mismatch.
+    """
+    op = "scatter_rows_"
+    _row_shape_check(buffer, idx, op)
+    if not isinstance(x, Tensor) or tuple(x.shape) != (idx.shape[0], *buffer.shape[1:]):
+        raise ValueError(f"{op}: x must have shape {(idx.shape[0], *buffer.shape[1:])}, "
+                         f"got {tuple(getattr(x, 'shape', ()))}")
+    if x.device != buffer.device:
+        raise ValueError(f"{op}: x is on {x.device}, buffer on {buffer.device}")
+    if not x.is_floating_point():
+        raise ValueError(f"{op}: x must be a floating-point tensor, got {x.dtype}")
+    buffer.index_copy_(0, idx.to(torch.int64), x.detach().to(buffer.dtype))

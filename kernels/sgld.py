@@ -1,0 +1,124 @@
+"""Fused SGLD update, in place: ``x <- x - step_size * grad + noise_std * N(0, I)``, optionally
+clamped to [-1, 1].
+
+One elementwise Triton kernel reads ``x`` (fp32) and ``grad`` (fp32 or bf16), draws the Gaussian
+noise itself with Philox (``tl.randn``) and writes ``x`` back: one read of each input and one
+write, instead of the four passes of ``torch.randn`` + ``add_`` + ``add_`` + ``clamp_``.
+
+Noise and CUDA graphs. The Philox seed and counter offset live in a device tensor
+``rng_state: int64[2] = (seed, offset)`` (see :func:`new_rng_state`). The kernel loads both from
+device memory; element ``i`` (flat, row-major index) gets the counter ``offset + i``. After the
+launch the launcher advances the offset with ``rng_state[1:].add_(x.numel())`` -- a device op, no
+host sync. A CUDA graph that captured the launch therefore replays the load of the *current*
+offset and the add, so every replay draws fresh noise, while restarting from a saved copy of
+``rng_state`` reproduces the noise bit for bit. Counters never overlap between launches, so two
+launches over ``n`` elements draw exactly what one launch over the concatenated ``2n`` would.
+
+:func:`sgld_update_reference` is the plain PyTorch definition that the kernel must match.
+"""
+import torch
+from torch import Tensor
+
+from ._common import HAS_TRITON, check_rng_state, new_rng_state, require_triton, tl, triton, triton_available
+
+__all__ = ["sgld_update_", "sgld_update_reference", "new_rng_state", "triton_available"]
+
+BLOCK_SIZE = 1024  # elements per program; also a good size for the CPU interpreter
+_GRAD_DTYPES = (torch.float32, torch.bfloat16)
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _sgld_kernel(x_ptr, grad_ptr, rng_ptr, n_elements, step_size, noise_std,
+                     HAS_NOISE: tl.constexpr, CLAMP: tl.constexpr, BLOCK: tl.constexpr):
+        """x[i] <- x[i] - step_size * grad[i] + noise_std * randn(seed, offset + i) for i < n."""
+        pid = tl.program_id(0).to(tl.int64)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_elements
+        x = tl.load(x_ptr + offs, mask=mask)
+        g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
+        x = x - step_size * g
+        if HAS_NOISE:
+            seed = tl.load(rng_ptr)
+            base = tl.load(rng_ptr + 1)
+            x = x + noise_std * tl.randn(seed, base + offs)
+        if CLAMP:
+            x = tl.minimum(tl.maximum(x, -1.0), 1.0)
+        tl.store(x_ptr + offs, x, mask=mask)
+
+
+def sgld_update_(x: Tensor, grad: Tensor, step_size: float, noise_std: float, rng_state: Tensor,
+                 clamp: bool = False) -> Tensor:
+    """One SGLD step on the chain state ``x``, in place, with noise drawn in the kernel.
+
+    Args:
+        x: fp32, contiguous, any shape ``[*]`` -- the chain state (e.g. images in [-1, 1]),
+            overwritten with the result.
+        grad: fp32 or bf16, same shape and device as ``x`` -- ``dE/dx``. A non-contiguous
+            ``grad`` is copied to a contiguous one first.
+        step_size: ``alpha``, in units of ``x`` per unit of gradient (JEM: 1.0).
+        noise_std: ``sigma``, standard deviation of the added Gaussian noise, in units of
+            ``x`` (JEM: 0.01). ``0`` skips the Philox work (the offset still advances).
+        rng_state: int64 ``[2] = (seed, offset)`` on ``x``'s device; its offset is advanced
+            by ``x.numel()`` on the device (see the module docstring).
+        clamp: clamp the result to [-1, 1].
+
+    Returns:
+        ``x`` itself.
+
+    Raises:
+        ValueError: non-contiguous or non-fp32 ``x``; ``grad`` of another shape, device or an
+            unsupported dtype; malformed ``rng_state``.
+        RuntimeError: Triton cannot run on ``x``'s device (see ``triton_available``).
+
+    Never synchronises with the host, so it can be captured in a CUDA graph.
+    """
+    op = "sgld_update_"
+    if not isinstance(x, Tensor) or not isinstance(grad, Tensor):
+        raise ValueError(f"{op}: x and grad must be tensors")
+    if x.dtype != torch.float32:
+        raise ValueError(f"{op}: x must be float32 (the fp32 chain state), got {x.dtype}")
+    if not x.is_contiguous():
+        raise ValueError(f"{op}: x must be contiguous (it is updated in place); "
+                         "pass x.contiguous() and use the returned tensor")
+    if grad.shape != x.shape:
+        raise ValueError(f"{op}: grad shape {tuple(grad.shape)} != x shape {tuple(x.shape)}")
+    if grad.device != x.device:
+        raise ValueError(f"{op}: grad is on {grad.device}, x on {x.device}")
+    if grad.dtype not in _GRAD_DTYPES:
+        raise ValueError(f"{op}: grad must be float32 or bfloat16, got {grad.dtype}")
+    check_rng_state(rng_state, x.device, op)
+    require_triton(x.device, "sgld_update")
+    n = x.numel()
+    if n == 0:
+        return x
+    grad = grad.contiguous()
+    step_size, noise_std = float(step_size), float(noise_std)
+    grid = (triton.cdiv(n, BLOCK_SIZE),)
+    _sgld_kernel[grid](x, grad, rng_state, n, step_size, noise_std,
+                       HAS_NOISE=noise_std != 0.0, CLAMP=bool(clamp), BLOCK=BLOCK_SIZE)
+    rng_state[1:].add_(n)
+    return x
+
+
+def sgld_update_reference(x: Tensor, grad: Tensor, step_size: float, noise_std: float,
+                          noise: Tensor | None = None, clamp: bool = False) -> Tensor:
+    """Plain PyTorch SGLD step, out of place: ``x - step_size * grad + noise_std * noise``.
+
+    Args:
+        x: fp32 chain state, any shape.
+        grad: fp32 or bf16 ``dE/dx``, same shape (computed in fp32).
+        step_size, noise_std: as in :func:`sgld_update_`.
+        noise: standard-normal fp32 tensor of ``x``'s shape to scale by ``noise_std``;
+            ``None`` means zeros (no noise).
+        clamp: clamp the result to [-1, 1].
+
+    Returns:
+        A new fp32 tensor of ``x``'s shape.
+    """
+    out = x.float() - step_size * grad.float()
+    if noise is not None:
+        out = out + noise_std * noise.float()
+    if clamp:
+        out = out.clamp(-1.0, 1.0)
+    return out
