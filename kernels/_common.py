@@ -98,4 +98,5 @@ def check_rng_state(rng_state: torch.Tensor, device: torch.device, op: str) -> N
         raise ValueError(f"{op}: rng_state must be a contiguous int64 tensor of shape [2] = (seed, offset), "
                          f"got {rng_state.dtype} {tuple(rng_state.shape)}")
     if rng_state.device != device:
-        raise ValueError(f"{op}: rng_state is on {rng_state.device}, expected {device} (same device as the data)")
+        raise ValueError(f"{op}: rng_state is on {rng_state.device}, expected {device} "
+                         "(the device of the data)")

@@ -90,7 +90,8 @@ def gather_reinit(buffer: Tensor, idx: Tensor, reinit: Tensor, rng_state: Tensor
         raise ValueError(f"{op}: buffer must be float32, bfloat16 or float16, got {buffer.dtype}")
     if not buffer.is_contiguous():
         raise ValueError(f"{op}: buffer must be contiguous, got strides {buffer.stride()}")
-    if not isinstance(reinit, Tensor) or reinit.dtype != torch.bool or tuple(reinit.shape) != tuple(idx.shape):
+    if (not isinstance(reinit, Tensor) or reinit.dtype != torch.bool
+            or tuple(reinit.shape) != tuple(idx.shape)):
         raise ValueError(f"{op}: reinit must be a bool tensor of shape {tuple(idx.shape)}, got "
                          f"{getattr(reinit, 'dtype', type(reinit))} {tuple(getattr(reinit, 'shape', ()))}")
     if reinit.device != buffer.device:
@@ -103,8 +104,9 @@ def gather_reinit(buffer: Tensor, idx: Tensor, reinit: Tensor, rng_state: Tensor
         out = torch.empty((batch, *row_shape), dtype=torch.float32, device=buffer.device)
     elif (out.dtype != torch.float32 or tuple(out.shape) != (batch, *row_shape)
           or not out.is_contiguous() or out.device != buffer.device):
-        raise ValueError(f"{op}: out must be a contiguous float32 tensor of shape {(batch, *row_shape)} "
-                         f"on {buffer.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+        raise ValueError(f"{op}: out must be a contiguous float32 tensor of shape "
+                         f"{(batch, *row_shape)} on {buffer.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
     if batch == 0 or row_size == 0:
         return out
     idx = idx.to(torch.int64).contiguous()

@@ -1,0 +1,123 @@
+"""Run the chosen evaluation parts on one checkpoint; write eval.json, report.md and PNGs."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..checkpoint import load_checkpoint
+from ..data import load_data
+from ..train import resolve_device
+from .common import Skipped, is_image, make_sampler, say
+from .options import EvalOptions, resolve_defaults
+from .report import write_report
+
+
+def default_out(checkpoint: str) -> Path:
+    """RUN/eval for RUN/checkpoints/x.pt, else DIR/eval beside the file."""
+    parent = Path(checkpoint).resolve().parent
+    return (parent.parent if parent.name == "checkpoints" else parent) / "eval"
+
+
+def run_eval(opts: EvalOptions) -> dict[str, Any]:
+    """Evaluate ``opts.checkpoint``; returns the eval.json dict. Raises UserError/ValueError
+    for problems a user can fix (missing/corrupt checkpoint, bad option, missing dataset)."""
+    t_start = time.perf_counter()
+    device = resolve_device(opts.device)
+    ck = load_checkpoint(opts.checkpoint, device)
+    model, cfg, buffer = ck["model"], ck["config"], ck["buffer"]
+    if opts.data_dir:
+        cfg.data.data_dir = opts.data_dir
+    data = load_data(cfg.data, device)
+    resolve_defaults(opts, data.name)
+    out = Path(opts.out) if opts.out else default_out(opts.checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(opts.seed)
+    say(f"{opts.checkpoint}: {data.name}, step {ck['step']}, epoch {ck['epoch']}, device {device}; "
+        f"writing to {out}")
+    results: dict[str, Any] = {
+        "checkpoint": str(opts.checkpoint), "dataset": data.name, "step": ck["step"], "epoch": ck["epoch"],
+        "model": cfg.model.name, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch_version": torch.__version__, "jemfast_version": __version__, "seed": opts.seed,
+        "what": list(opts.what), "out_dir": str(out), "timings_s": {},
+    }
+    for part in opts.what:
+        t0 = time.perf_counter()
+        try:
+            results[part] = PARTS[part](opts, model, cfg, buffer, data, device, out)
+        except Skipped as exc:
+            say(f"{exc}")
+            results[part] = {"skipped": str(exc)}
+        results["timings_s"][part] = round(time.perf_counter() - t0, 2)
+        say(f"{part} done in {results['timings_s'][part]:.1f} s")
+    results["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)
+    (out / "eval.json").write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
+    write_report(results, out / "report.md")
+    return results
+
+
+def _accuracy(opts, model, cfg, buffer, data, device, out):
+    from .calibration import accuracy_part
+
+    return accuracy_part(model, data, opts.batch_size)
+
+
+def _calibration(opts, model, cfg, buffer, data, device, out):
+    from .calibration import calibration_part
+
+    return calibration_part(model, data, opts.bins, opts.batch_size, out)
+
+
+def _ood(opts, model, cfg, buffer, data, device, out):
+    from .ood import ood_part
+
+    return ood_part(model, data, tuple(opts.ood), opts.ood_n, opts.batch_size, cfg.data.data_dir,
+                    opts.seed, out, opts.progress)
+
+
+def _samples(opts, model, cfg, buffer, data, device, out):
+    from .samples import samples_part
+
+    return samples_part(model, cfg, buffer, data, opts.sample_steps, opts.per_class, opts.backend,
+                        device, out)
+
+
+def _robustness(opts, model, cfg, buffer, data, device, out):
+    from .robustness import robustness_part
+
+    gen = torch.Generator().manual_seed(opts.seed)
+    idx = torch.randperm(len(data.test), generator=gen)[:opts.attack_n].to(device)
+    return robustness_part(model, data.test.x[idx], data.test.y[idx], opts.eps, list(opts.refine_steps),
+                           opts.pgd_steps, opts.pgd_step_rel, opts.pgd_restarts, opts.eot,
+                           cfg.sampler.step_size, cfg.sampler.noise_std, opts.attack_batch, data.name,
+                           out, opts.progress)
+
+
+def _generation(opts, model, cfg, buffer, data, device, out):
+    from .generation import find_inception_weights, generated_images, generation_scores, inception_extractor
+
+    if not is_image(tuple(data.input_shape)):
+        raise Skipped(f"generation: IS/FID need images; {data.name} is not an image dataset")
+    weights = find_inception_weights(opts.inception_weights)
+    extractor = inception_extractor(weights, device)
+    sampler = make_sampler(cfg, opts.sample_steps, opts.backend, device) if opts.gen_source == "short-run" else None
+    n = min(opts.gen_n, buffer.capacity) if opts.gen_source == "buffer" else opts.gen_n
+    fake = generated_images(model, buffer, opts.gen_source, sampler, n, data.input_shape, device,
+                            opts.batch_size)
+    real = data.train.x[torch.randperm(len(data.train), device=device)[:opts.gen_n]]
+    res = generation_scores(model, extractor, fake, real, min(opts.batch_size, 100), opts.is_splits,
+                            opts.progress)
+    res.update({"source": opts.gen_source, "weights": str(weights), "reference": f"{data.name} train"})
+    if data.input_shape[-1] < 32 or data.input_shape[0] == 1:
+        res["note"] = (f"{'x'.join(map(str, data.input_shape))} images upscaled to 299x299 RGB: "
+                       "IS/FID are not meaningful here, shown only as a pipeline check")
+    return res
+
+
+PARTS = {"accuracy": _accuracy, "calibration": _calibration, "ood": _ood, "samples": _samples,
+         "robustness": _robustness, "generation": _generation}

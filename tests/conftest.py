@@ -1,0 +1,54 @@
+"""Shared fixtures: small, fast configurations of real training runs."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Triton reads TRITON_INTERPRET when it is first imported (torchvision imports it): set it
+# before anything else so the kernels run on the CPU interpreter where there is no GPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jemfast.config import Config, apply_preset, validate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_digits_config(out: Path, **overrides) -> Config:
+    """A digits run that trains in seconds: small CNN, short chains, small buffer.
+
+    ``overrides`` are dotted config keys with '__' for '.', e.g. ``optim__epochs=2``.
+    """
+    cfg = Config()
+    cfg.data.dataset = "digits"
+    apply_preset(cfg)
+    cfg.model.hidden = 8
+    cfg.optim.epochs = 1
+    cfg.sampler.buffer_size = 200
+    cfg.sampler.n_steps = 5
+    cfg.run.out = str(out)
+    cfg.run.progress = False
+    cfg.run.log_every = 5
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    return validate(cfg)
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    return lambda **kw: tiny_digits_config(tmp_path / "run", **kw)
+
+
+def run_module(args: list[str], cwd: Path, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``python -m <args>`` in a fresh interpreter; returns the completed process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env, **kwargs)
