@@ -16,6 +16,7 @@ import os
 import pickle
 import random
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ import torch
 from .errors import UserError
 
 FORMAT_VERSION = 1
+# Testing aid: seconds to pause between writing a checkpoint's bytes and renaming it into place.
+_TEST_SAVE_DELAY = float(os.environ.get("JEMFAST_TEST_SAVE_DELAY", "0") or 0)
 
 
 def rng_state() -> dict[str, Any]:
@@ -60,6 +63,8 @@ def atomic_save(obj: dict[str, Any], path: str | Path) -> None:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
+            if _TEST_SAVE_DELAY:  # fault-injection tests kill the process inside this window
+                time.sleep(_TEST_SAVE_DELAY)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -265,13 +265,14 @@ class Trainer:
         cfg = self.cfg
         is_last = self.epoch == cfg.optim.epochs
         record: dict[str, Any] = {"event": "epoch", "step": self.step, "epoch": self.epoch}
+        is_best = False
         if self.epoch % cfg.run.eval_every == 0 or is_last:
             self.valid_acc = accuracy(self.model, self.data.valid, precision=cfg.run.precision)
             record["valid_acc"] = self.valid_acc
+            is_best = self.valid_acc > self.best_valid
+            self.best_valid = max(self.best_valid, self.valid_acc)
         self.save_checkpoint()
-        if "valid_acc" in record and self.valid_acc > self.best_valid:
-            self.best_valid = self.valid_acc
-            self.save_checkpoint()  # store the new best_valid_acc in the checkpoint itself
+        if is_best:
             mark_best(self.last_good, self.out)
         self._save_final_samples(f"epoch_{self.epoch:04d}.png")
         self.metrics.write(record)
@@ -301,7 +302,7 @@ class Trainer:
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "torch_version": torch.__version__, "jemfast_version": __version__,
             "sgld_backend": self.sampler.backend, "restarts": self.restarts,
-            "out": str(self.out), "config": self.cfg.to_dict(),
+            "out": str(self.out), "stop_signal": self.stop_signal, "config": self.cfg.to_dict(),
         }
         write_json(summary, self.out / "summary.json")
         if status == "finished":
@@ -313,6 +314,8 @@ class Trainer:
             return {}
 
         def handler(signum: int, _frame: Any) -> None:
+            if self.stop_signal is not None:  # a second signal: stop now, without a checkpoint
+                raise KeyboardInterrupt
             self.stop_signal = signum
 
         return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -348,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(config_from_args(argv))
         if summary["status"] == "interrupted":
             print(f"interrupted: checkpoint saved in {summary['out']}/checkpoints; continue with --resume")
-            return 130
+            return 128 + (summary["stop_signal"] or signal.SIGINT)
         print(f"test accuracy {summary['test_acc']:.4f}, valid {summary['valid_acc']:.4f}, "
               f"{summary['iterations']} iterations in {summary['wall_time_s']:.0f} s, "
               f"{len(summary['restarts'])} restart(s); outputs in {summary['out']}")

@@ -1,0 +1,87 @@
+"""Divergence detection, automatic recovery, and exhausting the restarts."""
+import json
+import math
+
+import pytest
+import torch
+
+from jemfast.checkpoint import read_checkpoint
+from jemfast.config import StabilityConfig
+from jemfast.errors import DivergenceExhausted
+from jemfast.stability import DivergenceMonitor, recovery_action
+from jemfast.train import main, train
+from tests.conftest import tiny_digits_config
+
+
+def observe(mon, loss=1.0, e_real=-2.0, e_fake=-1.0, grad=1.0, x=None):
+    t = lambda v: torch.tensor(float(v))  # noqa: E731
+    mon.observe(t(loss), t(e_real), t(e_fake), t(grad), torch.zeros(4, 2) if x is None else x)
+
+
+@pytest.mark.parametrize("kwargs,cause", [
+    (dict(loss=float("nan")), "non-finite loss or energy"),
+    (dict(e_fake=float("-inf")), "non-finite loss or energy"),
+    (dict(grad=float("inf")), "non-finite gradient"),
+    (dict(x=torch.tensor([[0.0, float("nan")]])), "non-finite samples"),
+    (dict(e_real=-5e4), "energy gap too large"),
+    (dict(loss=2e4), "loss too large"),
+    (dict(x=torch.tensor([[0.0, 5e3]])), "sample magnitude exploding"),
+])
+def test_monitor_flags_each_cause(kwargs, cause):
+    mon = DivergenceMonitor(StabilityConfig(), torch.device("cpu"))
+    observe(mon)
+    assert mon.check() is None
+    observe(mon, **kwargs)
+    observe(mon)  # a later healthy step does not clear the flag
+    assert cause in mon.check()
+    assert mon.check() is None  # reading clears
+
+
+def test_recovery_policy_order():
+    acts = [recovery_action(k, base_seed=7) for k in range(1, 7)]
+    assert [a.new_seed for a in acts] == [1007, 2007, 3007, 4007, 5007, 6007]
+    assert [a.lr_factor for a in acts] == [1.0, 0.5, 1.0, 0.5, 0.5, 0.5]
+    assert [a.sgld_steps_factor for a in acts] == [1, 1, 2, 1, 1, 1]
+    assert [a.reset_buffer for a in acts] == [False, False, False, True, False, False]
+
+
+def recovery_config(out, **kw):
+    return tiny_digits_config(out, model__hidden=16, optim__epochs=6, optim__warmup_iters=20,
+                              sampler__buffer_size=500, sampler__n_steps=10, **kw)
+
+
+@pytest.mark.slow
+def test_injected_divergence_recovers_and_matches_undisturbed_run(tmp_path):
+    calm = train(recovery_config(tmp_path / "calm"))
+    hit = train(recovery_config(tmp_path / "hit", stability__inject_divergence=40))
+    assert hit["status"] == "finished" and len(hit["restarts"]) >= 1
+    events = [json.loads(l) for l in open(tmp_path / "hit" / "metrics.jsonl")]
+    restarts = [e for e in events if e.get("event") == "restart"]
+    assert restarts and restarts[0]["step"] >= 40 and restarts[0]["rolled_back_to"] < 40
+    assert "seed" in restarts[0]["action"]
+    last_loss = [e["loss"] for e in events if "loss" in e][-1]
+    assert math.isfinite(last_loss)
+    assert calm["test_acc"] > 0.85, calm["test_acc"]
+    assert abs(hit["test_acc"] - calm["test_acc"]) <= 0.02, (hit["test_acc"], calm["test_acc"])
+
+
+def test_exhausted_restarts_stop_with_exit_3_and_keep_the_good_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--dataset", "digits", "--hidden", "8", "--buffer-size", "100", "--sgld-steps", "2",
+            "--epochs", "2", "--max-restarts", "0", "--inject-divergence", "22", "--out", str(out),
+            "--no-progress"]
+    assert main(args) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "diverged at iteration" in err[-1] and "last good checkpoint" in err[-1]
+    good = read_checkpoint(out / "checkpoints" / "last.pt")
+    assert good["step"] == 19  # the end of epoch 1, before the injection at 22
+    assert all(torch.isfinite(v).all() for v in good["model"].values())
+    summary = json.load(open(out / "summary.json"))
+    assert summary["status"] == "diverged"
+
+
+def test_library_raises_divergence_exhausted(tmp_path):
+    cfg = tiny_digits_config(tmp_path / "r", stability__max_restarts=0, stability__inject_divergence=3,
+                             stability__check_every=2)
+    with pytest.raises(DivergenceExhausted):
+        train(cfg)
