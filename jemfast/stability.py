@@ -14,6 +14,9 @@ check) and reseeds all RNGs with a new seed, as the JEM paper does by hand; then
     k = 4: replay buffer re-initialised to U(-1, 1), and learning rate x 0.5
     k > 4: learning rate x 0.5
 
+A divergence that recurs before any new good checkpoint was written rolls back one checkpoint
+further in the on-disk ring each time (the newest one was already on its way out).
+
 After ``max_restarts`` restarts a further divergence stops the run (exit code 3) with the last
 good checkpoint intact.
 """

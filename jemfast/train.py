@@ -87,6 +87,8 @@ class Trainer:
         self.snapshot: dict[str, Any] | None = None
         self.last_good: Path | None = None
         self.injected = False
+        self.saved_since_recovery = True
+        self.rollback_depth = 0
         self.stop_signal: int | None = None
         self.valid_acc = float("nan")
         resume_step = self._resume() if cfg.run.resume else None
@@ -126,6 +128,7 @@ class Trainer:
         state = self.state()
         self.last_good = save_good_checkpoint(state, self.out, self.step, self.cfg.stability.good_ring)
         self.snapshot = _clone(state)
+        self.saved_since_recovery = True
         return True
 
     def _resume(self) -> int:
@@ -164,12 +167,16 @@ class Trainer:
                 f"training diverged at iteration {self.step} ({cause}) after "
                 f"{len(self.restarts)} restart(s); last good checkpoint: {self.last_good}")
         action = recovery_action(k, self.cfg.run.seed)
-        diverged_at = self.step
-        self.load_state(self.snapshot, restore_rng=False)
+        diverged_at, lr_scale, n_steps = self.step, self.lr_scale, self.sampler.n_steps
+        # A divergence that recurs before any new good checkpoint means the newest one was
+        # already on its way out: go one checkpoint further back in the ring each time.
+        self.rollback_depth = 0 if self.saved_since_recovery else self.rollback_depth + 1
+        self.load_state(self._rollback_target(self.rollback_depth), restore_rng=False)
+        self.saved_since_recovery = False
         self.seed = action.new_seed
         seed_all(self.seed)
-        self.lr_scale *= action.lr_factor
-        self.sampler.n_steps *= action.sgld_steps_factor
+        self.lr_scale = lr_scale * action.lr_factor  # changes of earlier restarts persist
+        self.sampler.n_steps = n_steps * action.sgld_steps_factor
         if action.reset_buffer:
             self.buffer.reset()
         event = {"event": "restart", "restart": k, "step": diverged_at, "rolled_back_to": self.step,
@@ -178,6 +185,16 @@ class Trainer:
         self.metrics.write(event)
         tqdm.write(f"jemfast: divergence at iteration {diverged_at} ({cause}); restart {k}: "
                    f"rolled back to iteration {self.step}, {action.describe()}", file=sys.stderr)
+
+    def _rollback_target(self, depth: int) -> dict[str, Any]:
+        """The in-memory snapshot (depth 0) or the ``depth``-th older good checkpoint on disk."""
+        ring = sorted((self.out / "checkpoints").glob("good-*.pt"), reverse=True)
+        for path in (ring[depth:] or ring[-1:]) if depth > 0 else []:
+            try:
+                return read_checkpoint(path, map_location=self.device)
+            except UserError:
+                continue
+        return self.snapshot
 
     # ---- the loop ----------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
