@@ -46,8 +46,9 @@ def test_recovery_policy_order():
 
 
 def recovery_config(out, **kw):
-    return tiny_digits_config(out, model__hidden=16, optim__epochs=6, optim__warmup_iters=20,
-                              sampler__buffer_size=500, sampler__n_steps=10, **kw)
+    # measured: undisturbed 93.6 % test accuracy, injected at 40 and recovered 93.3 %
+    return tiny_digits_config(out, model__hidden=32, optim__epochs=12, optim__warmup_iters=20,
+                              optim__decay_epochs=(8, 10), sampler__buffer_size=500, sampler__n_steps=10, **kw)
 
 
 @pytest.mark.slow
@@ -61,7 +62,7 @@ def test_injected_divergence_recovers_and_matches_undisturbed_run(tmp_path):
     assert "seed" in restarts[0]["action"]
     last_loss = [e["loss"] for e in events if "loss" in e][-1]
     assert math.isfinite(last_loss)
-    assert calm["test_acc"] > 0.85, calm["test_acc"]
+    assert calm["test_acc"] > 0.9, calm["test_acc"]
     assert abs(hit["test_acc"] - calm["test_acc"]) <= 0.02, (hit["test_acc"], calm["test_acc"])
 
 
