@@ -96,7 +96,8 @@ def test_signal_writes_checkpoint_and_exits_cleanly(tmp_path, sig):
 
 @pytest.fixture
 def finished_run(tmp_path):
-    cfg = tiny_digits_config(tmp_path / "run", optim__epochs=2, stability__good_ring=3)
+    cfg = tiny_digits_config(tmp_path / "run", optim__epochs=2, stability__good_ring=3,
+                             sampler__buffer_size=100, sampler__n_steps=2)  # as TINY
     train(cfg)
     return Path(cfg.run.out)
 
