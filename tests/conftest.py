@@ -52,3 +52,14 @@ def run_module(args: list[str], cwd: Path, timeout: float = 300, **kwargs) -> su
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env, **kwargs)
+
+
+def triton_marker() -> tuple[torch.device, pytest.MarkDecorator]:
+    """The device Triton kernels run on here and a skip marker for when they cannot run."""
+    from jemfast.kernels import triton_available
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device, pytest.mark.skipif(
+        not triton_available(device),
+        reason="Triton cannot run here: no CUDA, and triton was imported before TRITON_INTERPRET=1 "
+               "was set (export TRITON_INTERPRET=1 for the CPU interpreter)")

@@ -1,8 +1,7 @@
 """jemfast.kernels.buffer: fused gather + U(-1, 1) re-init, and the row write-back.
 
-Runs on CUDA when present, otherwise on the CPU under Triton's interpreter; see
-tests/test_kernel_sgld.py for why ``TRITON_INTERPRET=1`` is set here before anything imports
-triton, and why the tests skip if triton was imported earlier without it.
+Runs on CUDA when present, otherwise on the CPU under Triton's interpreter; tests/conftest.py
+sets ``TRITON_INTERPRET=1`` before anything imports triton.
 
 Tolerances:
 - rows that are not re-initialised are copies: compared bitwise with ``buffer[idx].float()``
@@ -12,26 +11,17 @@ Tolerances:
   P(u < 0) = 1/2 +- 5 * 0.5 / sqrt(n); correlation of two draws (two calls, or two rows of
   3,072 values in one call) 0 +- 5 / sqrt(n).
 """
-import os
-import sys
+import pytest
+import torch
 
-import torch  # does not import triton
-
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
+from tests.conftest import triton_marker  # sets TRITON_INTERPRET=1 on machines without CUDA
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from jemfast.kernels import new_rng_state, triton_available  # noqa: E402
+from jemfast.kernels import new_rng_state  # noqa: E402
 from jemfast.kernels.buffer import gather_reinit, gather_reinit_reference, scatter_rows_  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-pytestmark = pytest.mark.skipif(
-    not triton_available(DEVICE),
-    reason="Triton cannot run here: no CUDA, and triton was imported before TRITON_INTERPRET=1 was set "
-           "(export TRITON_INTERPRET=1 for the CPU interpreter)")
+DEVICE, pytestmark = triton_marker()
 
 CASES = [  # (buffer shape, idx, reinit)
     ((13, 3, 5, 5), [4, 12, 0], [False, True, False]),  # a batch of 3 rows out of 13

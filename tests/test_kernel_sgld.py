@@ -1,12 +1,7 @@
 """jemfast.kernels.sgld: the fused SGLD kernel against its PyTorch reference.
 
 Runs on CUDA when present, otherwise on the CPU under Triton's interpreter. ``TRITON_INTERPRET=1``
-only takes effect if it is set before the *first* ``import triton`` of the process (Triton
-decorates ``tl.randn``/``tl.rand`` at import time), so this module sets it -- before importing
-anything that could import triton -- when there is no GPU and triton is not imported yet. If
-another module imported triton earlier without it (``import torchvision`` does, via
-``torch._dynamo``), the kernel tests skip with that reason; export ``TRITON_INTERPRET=1`` (or set
-it at the top of tests/conftest.py) to run them in a full-suite run.
+is set by tests/conftest.py before anything imports triton (it only takes effect then).
 
 Tolerances:
 - exact comparison (``noise_std=0`` or with the kernel's own noise fed to the reference):
@@ -17,26 +12,17 @@ Tolerances:
   5 / sqrt(n). Seeds are fixed, so the tests are deterministic; 5 SE would fail by chance with
   probability ~6e-7 per check for a fresh seed.
 """
-import os
-import sys
+import pytest
+import torch
 
-import torch  # does not import triton
-
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
+from tests.conftest import triton_marker  # sets TRITON_INTERPRET=1 on machines without CUDA
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from jemfast.kernels import interpret_mode, new_rng_state, triton_available  # noqa: E402
+from jemfast.kernels import interpret_mode, new_rng_state  # noqa: E402
 from jemfast.kernels.sgld import sgld_update_, sgld_update_reference  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-pytestmark = pytest.mark.skipif(
-    not triton_available(DEVICE),
-    reason="Triton cannot run here: no CUDA, and triton was imported before TRITON_INTERPRET=1 was set "
-           "(export TRITON_INTERPRET=1 for the CPU interpreter)")
+DEVICE, pytestmark = triton_marker()
 
 RTOL = ATOL = 1e-6
 N_STATS = 20_000
