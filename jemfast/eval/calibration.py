@@ -55,17 +55,17 @@ def reliability_diagram(bins: dict[str, np.ndarray], ece: float, acc: float, dat
                                       gridspec_kw={"height_ratios": [3, 1]})
     ax.bar(centers[filled], bins["accuracy"][filled], width=width * 0.95, color="tab:blue",
            edgecolor="black", linewidth=0.5, label="accuracy in bin")
-    gap = bins["confidence"][filled] - bins["accuracy"][filled]
-    ax.bar(centers[filled], gap, bottom=bins["accuracy"][filled], width=width * 0.95,
-           color="tab:red", alpha=0.35, edgecolor="tab:red", linewidth=0.5,
-           label="gap to mean confidence")
+    acc_f, conf_f = bins["accuracy"][filled], bins["confidence"][filled]
+    ax.bar(centers[filled], np.abs(conf_f - acc_f), bottom=np.minimum(acc_f, conf_f), width=width * 0.95,
+           facecolor="none", edgecolor="tab:red", hatch="///", linewidth=0.8,
+           label="gap to mean confidence in bin")
     ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
-    ax.set_title(f"{dataset} test: ECE {100 * ece:.2f} % ({len(centers)} bins), accuracy {100 * acc:.1f} %",
+    fig.suptitle(f"{dataset} test: ECE {100 * ece:.2f} % ({len(centers)} bins), accuracy {100 * acc:.1f} %",
                  fontsize=10)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=7.5, frameon=False)
     ax.grid(alpha=0.3)
     ax_n.bar(centers, bins["count"], width=width * 0.95, color="gray", edgecolor="black", linewidth=0.5)
     ax_n.set_yscale("symlog", linthresh=1)

@@ -17,6 +17,7 @@ mean "more in-distribution". OOD sets (``--ood``):
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -106,8 +107,9 @@ def _load_dataset(name: str, data_dir: str) -> torch.Tensor:
     try:
         arr, _ = _torchvision_arrays(name, data_dir, train=False)
     except UserError as exc:
-        raise Skipped(f"{name}: not available ({str(exc).split(' (')[-1].rstrip(')')[:100]}); "
-                      f"put it in --data-dir {data_dir}") from None
+        found = re.search(r"\((.*)\); download", str(exc))
+        reason = (found.group(1) if found else str(exc))[:100]
+        raise Skipped(f"{name}: not available ({reason}); put it in --data-dir {data_dir}") from None
     return torch.from_numpy(np.ascontiguousarray(arr)).float() / 255.0 * 2 - 1
 
 
@@ -147,7 +149,7 @@ def ood_part(model: nn.Module, data: DataBundle, sets: tuple[str, ...], n: int, 
         table[name]["n"] = int(x.shape[0])
     fig = histograms(in_scores, set_scores, table, data.name, out_dir / "ood_hist.png") if set_scores else None
     return {"in_distribution": f"{data.name} test", "n_in": len(data.test), "auroc": table,
-            "skipped": skipped, "figure": fig,
+            "skipped_sets": skipped, "figure": fig,
             "score_means": {"in": {k: float(np.mean(v)) for k, v in in_scores.items()},
                             **{name: {k: float(np.mean(v)) for k, v in s.items()}
                                for name, s in set_scores.items()}}}

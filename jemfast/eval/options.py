@@ -19,11 +19,12 @@ GEN_SOURCES = ("buffer", "short-run")
 
 # eps in data units (images in [-1, 1]); 0 is the clean accuracy of the defended classifier
 DEFAULT_EPS = {
-    "digits": {"linf": [0.0, 0.05, 0.1, 0.2, 0.3], "l2": [0.0, 0.5, 1.0, 2.0, 3.0]},
+    "digits": {"linf": [0.0, 0.1, 0.2, 0.3], "l2": [0.0, 1.0, 2.0, 3.0]},
     "toy2d": {"linf": [0.0, 0.05, 0.1, 0.2, 0.4], "l2": [0.0, 0.05, 0.1, 0.2, 0.4]},
     "images": {"linf": [0.0, 4 / 255, 8 / 255, 16 / 255, 32 / 255], "l2": [0.0, 0.5, 1.0, 2.0, 4.0]},
 }
 DEFAULT_ATTACK_N = {"digits": 100, "toy2d": 300, "images": 300}
+DEFAULT_PGD_STEPS = {"digits": 10, "toy2d": 10, "images": 20}  # the paper: 100 (x 20 restarts)
 
 
 @dataclass
@@ -45,7 +46,7 @@ class EvalOptions:
     eps: dict[str, list[float]] = field(default_factory=dict)  # norm -> eps list; filled later
     eps_given: dict[str, list[float] | None] = field(default_factory=dict)
     refine_steps: tuple[int, ...] = (0, 1, 10)
-    pgd_steps: int = 20
+    pgd_steps: int | None = None  # None: DEFAULT_PGD_STEPS of the dataset
     pgd_restarts: int = 1
     pgd_step_rel: float | None = None  # None: 2.5 / pgd_steps (Madry et al.)
     eot: int = 1
@@ -98,11 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ood-n", type=int, default=2000, help="images per OOD set")
     a("--sample-steps", type=int, default=80, help="SGLD steps of the fresh short-run chains")
     a("--per-class", type=int, default=10, help="images per class in the sample pictures")
-    a("--eps-linf", default=None, help="comma list of L-inf epsilons in data units ([-1, 1] images); '' skips")
-    a("--eps-l2", default=None, help="comma list of L2 epsilons in data units; '' skips")
+    a("--eps-linf", default=None, help="comma list of L-inf epsilons in data units (images in [-1, 1]; "
+      "default digits 0,.1,.2,.3, 32x32 images 0,4,8,16,32 /255); '' skips the norm")
+    a("--eps-l2", default=None, help="comma list of L2 epsilons in data units (default digits 0,1,2,3, "
+      "32x32 images 0,.5,1,2,4); '' skips the norm")
     a("--refine-steps", default="0,1,10", help="SGLD refinement steps before classifying (paper 0,1,10)")
-    a("--pgd-steps", type=int, default=20)
-    a("--pgd-restarts", type=int, default=1)
+    a("--pgd-steps", type=int, default=None, help="PGD iterations per restart (default 10 digits, 20 images)")
+    a("--pgd-restarts", type=int, default=1, help="PGD runs from random starts (worst case counts)")
     a("--pgd-step-rel", type=float, default=None, help="PGD step size / eps (default 2.5 / --pgd-steps)")
     a("--eot", type=int, default=1, help="SGLD-noise draws averaged per attack gradient")
     a("--attack-n", type=int, default=None, help="test images attacked (default 100 digits, 300 images)")
@@ -146,8 +149,8 @@ def validate(o: EvalOptions) -> EvalOptions:
         if not ok:
             raise ValueError(msg)
 
-    for name in ("batch_size", "bins", "ood_n", "sample_steps", "per_class", "pgd_steps",
-                 "pgd_restarts", "eot", "attack_batch", "gen_n"):
+    for name in ("batch_size", "bins", "ood_n", "sample_steps", "per_class", "pgd_restarts", "eot",
+                 "attack_batch", "gen_n"):
         v = getattr(o, name)
         check(isinstance(v, int) and v >= 1, f"--{name.replace('_', '-')}: must be an integer >= 1, got {v!r}")
     check(o.seed >= 0, f"--seed: must be >= 0, got {o.seed}")
@@ -157,6 +160,7 @@ def validate(o: EvalOptions) -> EvalOptions:
         check(math.isfinite(o.pgd_step_rel) and o.pgd_step_rel > 0,
               f"--pgd-step-rel: must be a finite number > 0, got {o.pgd_step_rel}")
     check(o.attack_n is None or o.attack_n >= 1, f"--attack-n: must be >= 1, got {o.attack_n}")
+    check(o.pgd_steps is None or o.pgd_steps >= 1, f"--pgd-steps: must be an integer >= 1, got {o.pgd_steps}")
     unknown = [w for w in o.what if w not in PARTS]
     check(not unknown, f"--what: unknown item {unknown[0]!r}; choose from {', '.join(PARTS)}" if unknown else "")
     return o
@@ -170,7 +174,9 @@ def resolve_defaults(o: EvalOptions, dataset: str) -> EvalOptions:
     o.eps = {norm: (given if given is not None else list(DEFAULT_EPS[kind][norm]))
              for norm, given in ((n, o.eps_given.get(n)) for n in ("linf", "l2"))}
     if o.attack_n is None:
-        o.attack_n = DEFAULT_ATTACK_N.get(kind, 300)
+        o.attack_n = DEFAULT_ATTACK_N[kind]
+    if o.pgd_steps is None:
+        o.pgd_steps = DEFAULT_PGD_STEPS[kind]
     if o.pgd_step_rel is None:
         o.pgd_step_rel = 2.5 / o.pgd_steps
     return o

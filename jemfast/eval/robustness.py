@@ -94,7 +94,8 @@ def pgd_robust(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Te
                steps: int, step_rel: float, restarts: int, refine_steps: int, step_size: float,
                noise_std: float, eot: int = 1) -> torch.Tensor:
     """``Tensor[B] bool``: which rows stay correctly classified by the defended classifier
-    under PGD within ``eps: Tensor[B]`` (per row) in ``norm``."""
+    under PGD within ``eps: Tensor[B]`` (per row) in ``norm``. A row is dropped from the attack
+    as soon as one iterate is misclassified (it is broken; attacking it further changes nothing)."""
     with eval_mode(model):
         robust = defended_logits(model, x, refine_steps, step_size, noise_std, False).argmax(1) == y
         attack = eps > 0
@@ -103,26 +104,34 @@ def pgd_robust(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Te
             if len(idx) == 0:
                 break
             xi, yi, ei = x[idx], y[idx], eps[idx]
-            alpha = _view(ei * step_rel, xi)
             delta = _random_start(xi, ei, norm)
             ok = torch.ones(len(idx), dtype=torch.bool, device=x.device)
+            active = torch.arange(len(idx), device=x.device)
             for _ in range(steps):
-                delta = delta.detach().requires_grad_(True)
-                grad = torch.zeros_like(xi)
+                xa, ya, ea = xi[active], yi[active], ei[active]
+                da = delta[active].detach().requires_grad_(True)
+                grad = torch.zeros_like(xa)
+                wrong = torch.zeros(len(active), dtype=torch.bool, device=x.device)
                 for _ in range(eot):
                     with torch.enable_grad():
-                        logits = defended_logits(model, xi + delta, refine_steps, step_size, noise_std, True)
-                        loss = F.cross_entropy(logits, yi, reduction="sum")
-                        grad = grad + torch.autograd.grad(loss, delta)[0]
-                    ok &= logits.detach().argmax(1) == yi
+                        logits = defended_logits(model, xa + da, refine_steps, step_size, noise_std, True)
+                        loss = F.cross_entropy(logits, ya, reduction="sum")
+                        grad = grad + torch.autograd.grad(loss, da)[0]
+                    wrong |= logits.detach().argmax(1) != ya
                 with torch.no_grad():
                     if norm == "linf":
                         step = grad.sign()
                     else:
                         step = grad / _view(grad.flatten(1).norm(dim=1).clamp_min(1e-12), grad)
-                    delta = _project(delta.detach() + alpha * step, xi, ei, norm)
-            final = defended_logits(model, xi + delta, refine_steps, step_size, noise_std, False)
-            ok &= final.argmax(1) == yi
+                    delta[active] = _project(da.detach() + _view(ea * step_rel, xa) * step, xa, ea, norm)
+                ok[active[wrong]] = False
+                active = active[~wrong]
+                if len(active) == 0:
+                    break
+            if len(active) > 0:
+                final = defended_logits(model, xi[active] + delta[active], refine_steps, step_size,
+                                        noise_std, False)
+                ok[active] &= final.argmax(1) == yi[active]
             robust[idx] = ok
     return robust
 
@@ -134,20 +143,20 @@ def robustness_part(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: dic
     """Accuracy of the defended classifier for every (norm, eps, K) on ``x: Tensor[N, ...]``."""
     results: dict[str, dict[str, dict[str, float]]] = {}
     n = x.shape[0]
-    jobs = [(norm, k) for norm in eps if eps[norm] for k in refine_steps]
-    bar = progress(jobs, "robustness", show, total=len(jobs))
-    for norm, k in bar:
-        eps_list = eps[norm]
-        # every (example, eps) pair is one row, attacked in chunks of batch_size rows
-        xs = x.repeat(len(eps_list), *([1] * (x.dim() - 1)))
-        ys = y.repeat(len(eps_list))
-        es = torch.tensor(eps_list, device=x.device, dtype=x.dtype).repeat_interleave(n)
-        ok = torch.cat([pgd_robust(model, xs[i:i + batch_size], ys[i:i + batch_size],
-                                   es[i:i + batch_size], norm, steps, step_rel, restarts, k,
-                                   step_size, noise_std, eot)
-                        for i in range(0, xs.shape[0], batch_size)])
-        acc = ok.view(len(eps_list), n).float().mean(1).tolist()
-        for e, a in zip(eps_list, acc):
+    # every (example, eps) pair is one row; rows are attacked in chunks of batch_size
+    rows = {norm: (x.repeat(len(e), *([1] * (x.dim() - 1))), y.repeat(len(e)),
+                   torch.tensor(e, device=x.device, dtype=x.dtype).repeat_interleave(n))
+            for norm, e in eps.items() if e}
+    jobs = [(norm, k, i) for norm in rows for k in refine_steps for i in range(0, len(rows[norm][1]), batch_size)]
+    ok: dict[tuple[str, int], list[torch.Tensor]] = {}
+    for norm, k, i in progress(jobs, "robustness (PGD chunks)", show, total=len(jobs)):
+        xs, ys, es = rows[norm]
+        ok.setdefault((norm, k), []).append(
+            pgd_robust(model, xs[i:i + batch_size], ys[i:i + batch_size], es[i:i + batch_size], norm,
+                       steps, step_rel, restarts, k, step_size, noise_std, eot))
+    for (norm, k), parts in ok.items():
+        acc = torch.cat(parts).view(len(eps[norm]), n).float().mean(1).tolist()
+        for e, a in zip(eps[norm], acc):
             results.setdefault(norm, {}).setdefault(f"{e:g}", {})[str(k)] = a
     fig = plot(results, refine_steps, dataset, out_dir / "robustness.png") if results else None
     return {"n": n, "accuracy": results, "refine_steps": refine_steps, "pgd_steps": steps,

@@ -8,7 +8,7 @@
   otherwise rows spread over the buffer sorted by predicted class);
 - ``likely_real.png``: per class, the test images of that class with the highest and the
   lowest p(y|x).
-For non-image data (toy2d) one density + samples plot of the buffer is drawn instead.
+Per-class pictures show at most the first 20 classes. For non-image data (toy2d) one density + samples plot of the buffer is drawn instead.
 """
 from __future__ import annotations
 
@@ -35,13 +35,16 @@ def _rows_by_prediction(model: nn.Module, x: torch.Tensor, n_rows: int) -> list[
     return [x[i:i + per_row] for i in range(0, x.shape[0], per_row)]
 
 
+MAX_CLASSES = 20  # per-class pictures show the first 20 classes (CIFAR-100 has 100)
+
+
 def _class_labels(n_classes: int) -> list[str]:
     return [f"y={c}" for c in range(n_classes)]
 
 
 def short_run(model: nn.Module, cfg: Config, data: DataBundle, n_steps: int, per_class: int,
               backend: str, device: torch.device, out_dir: Path) -> dict[str, Any]:
-    k = data.n_classes
+    k = min(data.n_classes, MAX_CLASSES)
     sampler = make_sampler(cfg, n_steps, backend, device)
     y = torch.arange(k, device=device).repeat_interleave(per_class)
     x_cond = sampler.run(model, torch.rand((k * per_class, *data.input_shape), device=device) * 2 - 1, y)
@@ -60,7 +63,7 @@ def short_run(model: nn.Module, cfg: Config, data: DataBundle, n_steps: int, per
 
 def buffer_grid(model: nn.Module, buffer: ReplayBuffer, data: DataBundle, per_class: int,
                 out_dir: Path) -> dict[str, Any]:
-    k = data.n_classes
+    k = min(data.n_classes, MAX_CLASSES)
     device = buffer.data.device
     if buffer.n_classes:
         share = buffer.per_class
@@ -81,7 +84,7 @@ def likely_real(model: nn.Module, data: DataBundle, per_class: int, out_dir: Pat
     probs = torch.softmax(logits_of(model, split.x), 1)
     p_true = probs.gather(1, split.y.view(-1, 1)).squeeze(1)
     most, least, extremes = [], [], {}
-    for c in range(data.n_classes):
+    for c in range(min(data.n_classes, MAX_CLASSES)):
         idx = (split.y == c).nonzero().squeeze(1)
         if len(idx) == 0:
             most.append(split.x[:0])
@@ -92,7 +95,7 @@ def likely_real(model: nn.Module, data: DataBundle, per_class: int, out_dir: Pat
         most.append(split.x[order[:m]])
         least.append(split.x[order.flip(0)[:m]])
         extremes[str(c)] = {"max_p": float(p_true[order[0]]), "min_p": float(p_true[order[-1]])}
-    labels = _class_labels(data.n_classes)
+    labels = _class_labels(min(data.n_classes, MAX_CLASSES))
     png = mosaic_figure([("most likely: highest p(y|x)", most, labels),
                          ("least likely: lowest p(y|x)", least, labels)],
                         out_dir / "likely_real.png",
