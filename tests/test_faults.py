@@ -51,16 +51,16 @@ def all_checkpoints_load(out: Path) -> list[int]:
 def test_sigkill_at_many_moments_never_corrupts_and_resume_finishes(tmp_path):
     out = tmp_path / "run"
     args = ("--epochs", "3", "--ckpt-every", "4")
-    moments = [("during a checkpoint write", None), ("after 6 iterations", 6), ("after 23 iterations", 23),
+    moments = [("after 6 iterations", 6), ("during a checkpoint write", None), ("after 23 iterations", 23),
                ("during a checkpoint write", None), ("after 45 iterations", 45)]
     first = True
     for label, lines in moments:
         extra = args if first else (*args, "--resume")
         env = {"JEMFAST_TEST_SAVE_DELAY": "0.5"} if lines is None else None
         proc = start(out, *extra, env=env)
-        if lines is None:  # kill while a temp checkpoint file exists but is not renamed yet
-            hit = wait_for(lambda: any((out / "checkpoints").glob(".good-*.tmp")) if (out / "checkpoints").exists() else False)
-            assert hit, label
+        if lines is None:  # kill while a new temp checkpoint file exists but is not renamed yet
+            torn = set((out / "checkpoints").glob(".good-*.tmp"))  # left by earlier kills
+            assert wait_for(lambda: bool(set((out / "checkpoints").glob(".good-*.tmp")) - torn)), label
         else:
             base = n_metric_lines(out)
             assert wait_for(lambda: n_metric_lines(out) >= base + lines or proc.poll() is not None), label
