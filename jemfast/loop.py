@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -56,20 +57,15 @@ class StepOutput:
     x_fake: torch.Tensor | None  # [B, *shape], None when p_x_weight == 0
 
 
-def train_step(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, sampler: SGLD,
-               buffer: ReplayBuffer, x: torch.Tensor, y: torch.Tensor, n_classes: int) -> StepOutput:
-    """One JEM iteration on a labelled batch ``x: Tensor[B, *shape]``, ``y: Tensor[B]``."""
+def loss_terms(model: nn.Module, x: torch.Tensor, x_fake: torch.Tensor | None, y: torch.Tensor,
+               p_y_given_x_weight: float, p_x_weight: float, precision: str) -> tuple[torch.Tensor, ...]:
+    """Forward pass and loss of one iteration (what ``--compile`` compiles, with its backward).
+
+    Returns ``(loss, loss_ce, loss_px, e_real, e_fake, correct)``, all device scalars.
+    """
     b = x.shape[0]
-    w = cfg.loss
-    x_fake = None
-    if w.p_x_weight > 0:
-        y_fake = torch.randint(0, n_classes, (b,), device=x.device) if cfg.sampler.class_cond else None
-        x_fake = sampler.sample(model, buffer, b, y_fake)
-        inputs = torch.cat([x, x_fake])
-    else:
-        inputs = x
-    model.train()
-    with autocast_ctx(x.device, cfg.run.precision):
+    inputs = x if x_fake is None else torch.cat([x, x_fake])
+    with autocast_ctx(x.device, precision):
         logits = model(inputs).float()
     logits_real = logits[:b]
     loss_ce = F.cross_entropy(logits_real, y)
@@ -80,13 +76,44 @@ def train_step(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, 
     else:
         e_fake = torch.zeros((), device=x.device)
         loss_px = torch.zeros((), device=x.device)
-    loss = w.p_y_given_x_weight * loss_ce + w.p_x_weight * loss_px
+    loss = p_y_given_x_weight * loss_ce + p_x_weight * loss_px
+    correct = (logits_real.argmax(1) == y).sum()
+    return loss, loss_ce, loss_px, e_real, e_fake, correct
+
+
+_compiled_loss_terms = None
+
+
+def compiled_loss_terms() -> Callable[..., tuple[torch.Tensor, ...]]:
+    """:func:`loss_terms` under ``torch.compile`` (made once; forward and backward compiled).
+
+    Parameters are graph inputs, so the compiled code follows optimizer updates; the model's
+    state_dict is untouched (no ``_orig_mod`` wrapper).
+    """
+    global _compiled_loss_terms
+    if _compiled_loss_terms is None:
+        _compiled_loss_terms = torch.compile(loss_terms)
+    return _compiled_loss_terms
+
+
+def train_step(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, sampler: SGLD,
+               buffer: ReplayBuffer, x: torch.Tensor, y: torch.Tensor, n_classes: int) -> StepOutput:
+    """One JEM iteration on a labelled batch ``x: Tensor[B, *shape]``, ``y: Tensor[B]``."""
+    b = x.shape[0]
+    w = cfg.loss
+    x_fake = None
+    if w.p_x_weight > 0:
+        y_fake = torch.randint(0, n_classes, (b,), device=x.device) if cfg.sampler.class_cond else None
+        x_fake = sampler.sample(model, buffer, b, y_fake)
+    model.train()
+    terms = compiled_loss_terms() if cfg.run.compile else loss_terms
+    loss, loss_ce, loss_px, e_real, e_fake, correct = terms(
+        model, x, x_fake, y, w.p_y_given_x_weight, w.p_x_weight, cfg.run.precision)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=x.device)
     optimizer.step()
-    correct = (logits_real.argmax(1) == y).sum()
     return StepOutput(loss.detach(), loss_ce.detach(), loss_px.detach(), e_real.detach(),
                       e_fake.detach(), correct, grad_norm.detach(), x_fake)
 
