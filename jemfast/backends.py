@@ -94,8 +94,10 @@ def resolve_backend(backend: str, device: torch.device | str) -> tuple[str, str]
     The ``auto`` rule is fixed (no benchmarking at resolution time):
     CUDA -> ``graph`` if the Triton kernels run there, else ``compile``; CPU -> ``compile`` if a
     C++ compiler is present, else ``reference``. On the 2-core CPU measured (bench/RESULTS.md)
-    ``compile`` was the fastest: median 1.3x the reference on the 3x32x32 SmallCNN and WRN-10-2,
-    on par (0.9-1.0x) on the 1x8x8 digits CNN, at a one-off compile cost of 5-30 s.
+    ``compile`` was the fastest under load with 1 thread: median 1.3x the reference on the
+    3x32x32 SmallCNN and WRN-10-2, on par (0.9-1.0x) on the 1x8x8 digits CNN, at a one-off
+    compile cost of 5-30 s. On the idle machine with 2 threads it was only 1.0-1.16x side by
+    side (bench/RESULTS.md), so on CPUs ``auto`` saves little; pass ``reference`` to skip compiling.
     ``fused`` on the CPU only exists for tests (Triton interpreter) and is never chosen by
     ``auto``.
     """
