@@ -115,27 +115,25 @@ def peak_bf16_tflops(device: torch.device) -> float | None:
 
 
 @contextlib.contextmanager
-def strict_fp32() -> Iterator[None]:
-    """TF32 off for matmuls and cuDNN convolutions (the V100-era original), restored after."""
+def _tf32(enabled: bool) -> Iterator[None]:
+    """TF32 for matmuls and cuDNN convolutions set to ``enabled``, restored after."""
     old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-@contextlib.contextmanager
-def tf32() -> Iterator[None]:
-    """TF32 on for matmuls and convolutions (what a modern eager run uses), restored after."""
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+def strict_fp32() -> contextlib.AbstractContextManager:
+    """TF32 off (the V100-era original)."""
+    return _tf32(False)
+
+
+def tf32() -> contextlib.AbstractContextManager:
+    """TF32 on (what a modern eager run uses)."""
+    return _tf32(True)
 
 
 def time_once(fn: Callable[[], object], device: torch.device) -> float:

@@ -120,8 +120,8 @@ class Trainer:
         if restore_rng:
             set_rng_state(ckpt["rng"])
 
-    def save_checkpoint(self) -> bool:
-        """Check for divergence, then save a good checkpoint. False (nothing saved) if diverged."""
+    def save_checkpoint(self) -> None:
+        """Check for divergence (raising _Diverged, nothing saved), then save a good checkpoint."""
         cause = self.monitor.check()
         if cause:
             raise _Diverged(cause)
@@ -129,7 +129,6 @@ class Trainer:
         self.last_good = save_good_checkpoint(state, self.out, self.step, self.cfg.stability.good_ring)
         self.snapshot = _clone(state)
         self.saved_since_recovery = True
-        return True
 
     def _resume(self) -> int:
         errors = []

@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 
-from jemfast.config import Config, apply_preset, validate
 from jemfast.eval.__main__ import main as eval_main
 from jemfast.eval.options import options_from_args
 from jemfast.eval.runner import run_eval
 from jemfast.train import train
+from tests.conftest import tiny_digits_config
 
 PNGS = ("reliability.png", "ood_hist.png", "samples_short_run.png", "samples_buffer.png",
         "likely_real.png", "robustness.png")
@@ -21,19 +21,10 @@ PNGS = ("reliability.png", "ood_hist.png", "samples_short_run.png", "samples_buf
 def digits_ckpt(tmp_path_factory):
     """A digits JEM trained for 3 short epochs (~55-70 % test accuracy; log p(x) already tells
     digits from noise and constant images)."""
-    cfg = Config()
-    cfg.data.dataset = "digits"
-    apply_preset(cfg)
-    cfg.model.hidden = 16
-    cfg.optim.epochs = 3
-    cfg.optim.warmup_iters = 20
-    cfg.optim.decay_epochs = ()
-    cfg.sampler.buffer_size = 500
-    cfg.sampler.n_steps = 10
-    cfg.run.out = str(tmp_path_factory.mktemp("evalrun"))
-    cfg.run.overwrite = True
-    cfg.run.progress = False
-    summary = train(validate(cfg))
+    cfg = tiny_digits_config(tmp_path_factory.mktemp("evalrun"), model__hidden=16, optim__epochs=3,
+                             optim__warmup_iters=20, optim__decay_epochs=(), sampler__buffer_size=500,
+                             sampler__n_steps=10, run__overwrite=True)
+    summary = train(cfg)
     assert summary["status"] == "finished"
     return f"{cfg.run.out}/checkpoints/last.pt"
 
