@@ -2,7 +2,17 @@
 
 Training entry point: ``from jemfast.train import train`` (or ``python -m jemfast.train``).
 """
+import os as _os
+
 __version__ = "0.1.0"
+
+# jemfast.kernels and jemfast.tune live in the top-level folders kernels/ and tune/ of the
+# repository (pyproject's package-dir maps them into the package when installed). When this
+# package is imported from a source tree (a checkout, a worktree, or the repository root
+# shadowing a non-editable install), look for those subpackages beside it too.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_root, "pyproject.toml")) and _os.path.isfile(_os.path.join(_root, "kernels", "__init__.py")):
+    __path__.append(_root)  # type: ignore[name-defined]
 
 from .buffer import ReplayBuffer  # noqa: E402
 from .checkpoint import load_checkpoint  # noqa: E402
