@@ -1,0 +1,48 @@
+"""Temporary model modes and precision contexts, written once for the whole package.
+
+:func:`module_mode` sets a model to eval or train mode (or keeps it) for the length of a
+``with`` block and then restores the train/eval flag of *every* submodule as it was, not just
+the top module's (a user's model may hold submodules in a mode of their own, e.g. frozen BN).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Literal
+
+import torch
+from torch import nn
+
+Mode = Literal["eval", "train", "keep"]
+MODES = ("eval", "train", "keep")
+
+
+@contextlib.contextmanager
+def module_mode(model: nn.Module, mode: Mode = "eval") -> Iterator[nn.Module]:
+    """``with module_mode(model, "eval"):`` ... then every submodule's mode is restored."""
+    if mode not in MODES:
+        raise ValueError(f"mode: must be one of {', '.join(MODES)}, got {mode!r}")
+    saved = [(m, m.training) for m in model.modules()]
+    if mode != "keep":
+        model.train(mode == "train")
+    try:
+        yield model
+    finally:
+        for m, training in saved:
+            m.training = training
+
+
+def eval_mode(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Shorthand for ``module_mode(model, "eval")``."""
+    return module_mode(model, "eval")
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``dtype`` on ``device``'s type, or a no-op when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def precision_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a ``--precision`` value: ``"bf16"`` -> bfloat16, ``"fp32"`` -> None."""
+    return torch.bfloat16 if precision == "bf16" else None
