@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .build import build_buffer, build_model, build_optimizer, build_sampler, resolve_device, seed_all
-from .checkpoint import Progress, read_checkpoint, restore_training_state, training_state
+from .checkpoint import Progress, fits_run, read_checkpoint, restore_training_state, training_state
 from .cli import config_from_args, run_cli
 from .config import Config, validate
 from .data import load_data
@@ -192,6 +192,8 @@ class Trainer:
         return None
 
     def _resume(self) -> int:
+        """Restore the newest checkpoint that reads and fits this run, trying older ones in turn
+        (a corrupt file changes nothing). A checkpoint of another run stops with UserError."""
         errors = []
         for path in checkpoint_candidates(self.out):
             try:
@@ -200,9 +202,14 @@ class Trainer:
                 errors.append(str(exc))
                 log.warning(f"{exc}; trying an older checkpoint")
                 continue
-            self._check_identity(ckpt, path)
-            restore_training_state(ckpt, self.model, self.optimizer, self.buffer, self.sampler, self.progress,
-                                   self.recovery)
+            self._check_identity(ckpt, path)  # another run's checkpoint: the flags are wrong, stop
+            try:
+                restore_training_state(ckpt, self.model, self.optimizer, self.buffer, self.sampler, self.progress,
+                                       self.recovery, source=path)
+            except UserError as exc:
+                errors.append(str(exc))
+                log.warning(f"{exc}; trying an older checkpoint")
+                continue
             self.recovery.checkpointed(ckpt, path)
             log.info(f"resuming from {path} (epoch {self.progress.epoch}, iteration {self.progress.step})")
             return self.progress.step
@@ -245,13 +252,16 @@ class Trainer:
                     f"rolled back to iteration {p.step}, {action.describe()}")
 
     def _rollback_target(self, depth: int) -> dict[str, Any]:
-        """The in-memory snapshot (depth 0) or the ``depth``-th older good checkpoint on disk."""
+        """The in-memory snapshot (depth 0) or the ``depth``-th older good checkpoint on disk that
+        reads and fits this run (checked as on --resume; a bad one is skipped)."""
         ring = sorted((self.out / "checkpoints").glob("good-*.pt"), reverse=True)
         for path in (ring[depth:] or ring[-1:]) if depth > 0 else []:
             try:
-                return read_checkpoint(path, map_location=self.device)
-            except UserError:
-                continue
+                ckpt = read_checkpoint(path, map_location=self.device)
+                fits_run(ckpt, self.model, self.optimizer, self.buffer, path)
+                return ckpt
+            except UserError as exc:
+                log.warning(f"{exc}; rolling back further")
         return self.recovery.snapshot
 
     # ---- outputs -----------------------------------------------------------------------
