@@ -58,7 +58,7 @@ def loads(full):
 @pytest.fixture(scope="session")
 def chains(device):
     """Chain functions per backend name, made once per session (so compiles/captures are reused)."""
-    from jemfast.backends import make_chain
+    from jemfast.sgld import make_chain
 
     cache: dict = {}
 

@@ -21,7 +21,7 @@ fi
 "$PY" - <<'PYEOF' | tee "$OUT/env.txt"
 import platform, torch
 import jemfast
-from jemfast.backends import resolve_backend
+from jemfast.sgld import resolve_backend
 print(f"jemfast {jemfast.__version__}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
       f"python {platform.python_version()}")
 print(f"GPU: {torch.cuda.get_device_name(0)}; auto backend: {resolve_backend('auto', 'cuda')}")

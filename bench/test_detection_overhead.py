@@ -18,7 +18,7 @@ from jemfast.config import Config, apply_preset
 from jemfast.energy import JEM
 from jemfast.loop import build_optimizer, train_step
 from jemfast.models import build_classifier
-from jemfast.sampler import SGLD
+from jemfast.sgld import SGLD
 from jemfast.stability import DivergenceMonitor
 
 

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import benchlib
-from jemfast.backends import unavailable
-from jemfast.sampler import sampling_mode
+from jemfast.sgld import ChainSpec, sampling_mode, unavailable
 
 BACKENDS = ["reference", "fused", "graph", "compile"]
 PRECISIONS = ["fp32", "bf16"]
@@ -34,12 +33,13 @@ def test_sgld_chain(benchmark, record, chains, loads, device, full, load, backen
     w = loads[load]
     model, x = benchlib.make_model(w, device), benchlib.make_x(w, device)
     chain = chains(backend)
-    dtype = torch.bfloat16 if precision == "bf16" else None
+    spec = ChainSpec(benchlib.N_STEPS, benchlib.STEP_SIZE, benchlib.NOISE, False,
+                     torch.bfloat16 if precision == "bf16" else None)
     benchmark.group = f"sgld-chain-{load}-{precision}"
 
     def run():
         with sampling_mode(model):
-            out = chain(model, x, None, benchlib.N_STEPS, benchlib.STEP_SIZE, benchlib.NOISE, False, dtype)
+            out = chain(model, x, None, spec)
         benchlib.sync(device)
         return out
 

@@ -20,7 +20,7 @@ import benchlib
 from jemfast.buffer import ReplayBuffer
 from jemfast.config import Config
 from jemfast.loop import build_optimizer, train_step
-from jemfast.sampler import SGLD
+from jemfast.sgld import SGLD
 
 VARIANTS = ["original-strict-fp32", "original-tf32", "jemfast-reference", "jemfast-best", "jemfast-best-bf16"]
 

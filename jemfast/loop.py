@@ -20,7 +20,7 @@ from .buffer import ReplayBuffer
 from .config import Config
 from .data import Split
 from .energy import energy_from_logits
-from .sampler import SGLD
+from .sgld import SGLD
 
 
 def lr_multiplier(cfg: Config, step: int, epoch: int) -> float:

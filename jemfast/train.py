@@ -29,7 +29,7 @@ from .loop import accuracy, build_optimizer, lr_multiplier, train_step
 from .models import build_classifier
 from .plots import save_image_grid, save_toy2d_plot
 from .rundir import MetricsLog, checkpoint_candidates, clear_run, mark_best, prepare_out, save_good_checkpoint, write_json
-from .sampler import SGLD
+from .sgld import SGLD
 from .stability import DivergenceMonitor, inject_divergence, recovery_action
 
 Report = Callable[[dict[str, Any]], None]
