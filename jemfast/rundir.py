@@ -93,36 +93,6 @@ def mark_best(src: Path, out: Path) -> None:
     _replace_with_link(src, out / "checkpoints" / "best.pt")
 
 
-class MetricsLog:
-    """Append-only JSONL writer for ``OUT/metrics.jsonl`` (flushed per line)."""
-
-    def __init__(self, out: Path, resume_step: int | None = None) -> None:
-        self.path = out / "metrics.jsonl"
-        if resume_step is not None and self.path.exists():
-            self._truncate_after(resume_step)
-        self._f = open(self.path, "a", encoding="utf-8")
-
-    def _truncate_after(self, step: int) -> None:
-        """Drop lines a crashed run wrote after the checkpoint we resume from."""
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a kill
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
-
-
 def write_json(obj: dict[str, Any], path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2), encoding="utf-8")
