@@ -5,7 +5,7 @@ Variants (images/s = real images per iteration / iteration time):
 - ``original-strict-fp32``: :class:`benchlib.OriginalDesign` (buffer on the CPU, copied every
   iteration; ``autograd.grad`` per step; eager; TF32 off) -- the V100-era original.
 - ``original-tf32``: the same with TF32 on (CUDA only).
-- ``jemfast-reference``: :func:`jemfast.loop.train_step`, buffer on the device, reference SGLD.
+- ``jemfast-reference``: :func:`jemfast.step.train_step`, buffer on the device, reference SGLD.
 - ``jemfast-best``: ``train_step`` with ``--compile`` (compiled loss/backward, ``auto`` SGLD).
 - ``jemfast-best-bf16``: the same under bf16 autocast (full mode).
 ``speedup_vs_original`` (in extra_info) = this variant's images/s over ``original-strict-fp32``'s.
@@ -19,7 +19,8 @@ import torch
 import benchlib
 from jemfast.buffer import ReplayBuffer
 from jemfast.config import Config
-from jemfast.loop import build_optimizer, train_step
+from jemfast.build import build_optimizer
+from jemfast.step import train_step
 from jemfast.sgld import SGLD
 
 VARIANTS = ["original-strict-fp32", "original-tf32", "jemfast-reference", "jemfast-best", "jemfast-best-bf16"]

@@ -133,3 +133,25 @@ def test_differentiable_chain_matches_the_hand_formula_jacobian():
     plain = sgld_chain(model, x0.clone().requires_grad_(True), None, spec)
     assert not plain.requires_grad  # the non-differentiable loop detaches
     torch.testing.assert_close(plain, hand(x0), rtol=0, atol=1e-6)
+
+
+def test_a_stop_request_ends_the_chain_between_steps():
+    from jemfast import interrupt
+
+    model = linear_jem()
+    calls = []
+    original = model.energy
+
+    def counting_energy(x, y=None):
+        calls.append(1)
+        if len(calls) == 2:
+            interrupt.request_stop(15)  # as the trainer's SIGTERM handler does mid-chain
+        return original(x, y)
+
+    model.energy = counting_energy
+    try:
+        with pytest.raises(interrupt.StopRequested):
+            SGLD(n_steps=20, step_size=0.1, noise_std=0.0).run(model, torch.rand(3, 4))
+    finally:
+        interrupt.clear()
+    assert len(calls) == 2  # stopped before the third step

@@ -11,6 +11,7 @@ import time
 import torch
 from torch import nn
 
+from ..interrupt import raise_if_stopped
 from ..log import get_logger, log_once
 from .reference import EnergyOf, energy_of, torch_update
 from .spec import ChainSpec
@@ -88,6 +89,7 @@ class CompiledChain:
         t0 = time.perf_counter() if key not in self.compile_s else None
         step_t, noise_t = self._const(spec.step_size, x.device), self._const(spec.noise_std, x.device)
         for i in range(spec.n_steps):
+            raise_if_stopped()
             if self.cuda:
                 noise = None
             elif spec.noise_std > 0:

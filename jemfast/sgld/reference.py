@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..interrupt import raise_if_stopped
 from .spec import ChainSpec
 
 # update(x, grad, step_size, noise_std, clamp) -> next x; may update x in place and return it
@@ -82,9 +83,11 @@ def sgld_chain(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, spec: 
     Only the input gradient is taken (``torch.autograd.grad`` w.r.t. x), so parameters' ``.grad``
     are never written. ``differentiable=True`` keeps every step's graph (``create_graph``) so the
     result can be differentiated w.r.t. the starting x (attacks through the chain); ``update``
-    must then be out of place. ``params`` and ``cache`` go to :func:`energy_of`.
+    must then be out of place. ``params`` and ``cache`` go to :func:`energy_of`. A stop request
+    (:mod:`jemfast.interrupt`, e.g. SIGTERM) raises ``StopRequested`` between steps.
     """
     for _ in range(spec.n_steps):
+        raise_if_stopped()
         if not (differentiable and x.requires_grad):
             x = x.detach().requires_grad_(True)
         with torch.enable_grad():
