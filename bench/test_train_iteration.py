@@ -7,7 +7,7 @@ Variants (images/s = real images per iteration / iteration time; the float mode 
   same work as jemfast (two forward passes of B images where jemfast runs one of 2B; the
   original code's third, on a separate unlabelled batch, is left out: see its docstring).
 - ``original-tf32``: the same with TF32 on, PyTorch's default for convolutions (CUDA only).
-- ``jemfast-reference``: :func:`jemfast.loop.train_step`, buffer on the device, reference SGLD,
+- ``jemfast-reference``: :func:`jemfast.step.train_step`, buffer on the device, reference SGLD,
   NCHW, fp32 (TF32 on CUDA).
 - ``jemfast-graph-bf16-cl``: ``train_step`` with the ``graph`` chain, bf16 autocast,
   channels-last model and batch, no ``--compile`` (CUDA, full mode).
@@ -28,7 +28,8 @@ import torch
 import benchlib
 from jemfast.buffer import ReplayBuffer
 from jemfast.config import Config
-from jemfast.loop import build_optimizer, train_step
+from jemfast.build import build_optimizer
+from jemfast.step import train_step
 from jemfast.sampler import SGLD
 
 COMPILE = pytest.mark.compile

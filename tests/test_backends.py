@@ -202,10 +202,11 @@ def test_fused_leaves_grads_and_input_alone():
     assert all(p.grad is None for p in model.parameters())
 
 
-# ---- --compile for the training step (jemfast.loop) --------------------------------------
+# ---- --compile for the training step (jemfast.step) --------------------------------------
 def test_compiled_train_step_matches_eager(tiny_cfg):
     from jemfast.buffer import ReplayBuffer
-    from jemfast.loop import build_optimizer, train_step
+    from jemfast.build import build_optimizer
+    from jemfast.step import train_step
 
     results = []
     for compile_ in (False, True):
@@ -220,8 +221,8 @@ def test_compiled_train_step_matches_eager(tiny_cfg):
     (eager, p_eager), (comp, p_comp) = results
     for a, b in zip(eager, comp):
         for field in ("loss", "loss_ce", "loss_px", "e_real", "e_fake", "grad_norm"):
-            torch.testing.assert_close(getattr(b, field), getattr(a, field), rtol=1e-4, atol=1e-5)
-        assert torch.equal(a.correct, b.correct)
+            torch.testing.assert_close(b.metrics[field], a.metrics[field], rtol=1e-4, atol=1e-5)
+        assert torch.equal(a.metrics["acc"], b.metrics["acc"])
     for k in p_eager:
         torch.testing.assert_close(p_comp[k], p_eager[k], rtol=1e-4, atol=1e-5)
 

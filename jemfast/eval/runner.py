@@ -11,7 +11,7 @@ import torch
 from .. import __version__
 from ..checkpoint import load_checkpoint
 from ..data import load_data
-from ..train import resolve_device
+from ..build import resolve_device
 from .common import Skipped, is_image, make_sampler, say
 from .options import EvalOptions, resolve_defaults
 from .report import write_report
