@@ -12,7 +12,8 @@ Variants (images/s = real images per iteration / iteration time; the float mode 
 - ``jemfast-graph-bf16-cl``: ``train_step`` with the ``graph`` chain, bf16 autocast,
   channels-last model and batch, no ``--compile`` (CUDA, full mode).
 - ``jemfast-best`` [compile]: ``train_step`` with ``--compile`` (compiled loss/backward,
-  ``auto`` SGLD), fp32 NCHW.
+  ``auto`` SGLD), fp32 NCHW (quick mode only: in full mode the one WRN-28-10 compile goes to
+  the next variant).
 - ``jemfast-best-bf16-cl`` [compile]: the README's fast command: ``--precision bf16
   --channels-last --compile`` (full mode).
 ``speedup_vs_original`` (in extra_info) = this variant's images/s over ``original-strict-fp32``'s
@@ -60,6 +61,8 @@ def test_train_iteration(benchmark, record, loads, device, full, variant):
         pytest.skip("TF32 is a CUDA setting; on the CPU it equals original-strict-fp32")
     if variant.endswith("-cl") and not full:
         pytest.skip("bf16 channels-last variants run in full mode (--bench-full)")
+    if variant == "jemfast-best" and full:
+        pytest.skip("full mode compiles WRN-28-10 once, for jemfast-best-bf16-cl (each compile takes minutes)")
     if variant == "jemfast-graph-bf16-cl" and device.type != "cuda":
         pytest.skip("the graph backend needs CUDA")
     w = loads["wrn" if full else "cnn8"]
