@@ -96,11 +96,15 @@ def machine_info() -> dict:
 
 
 def main() -> int:
+    from jemfast.log import get_logger, setup_cli_logging
+
+    setup_cli_logging("bench/machine")
+    log = get_logger("jemfast.bench.machine")
     if len(sys.argv) != 2:
-        sys.stderr.write("usage: python3 bench/machine.py OUT.json\n")
+        log.error("usage: python3 bench/machine.py OUT.json")
         return 2
     if not torch.cuda.is_available():
-        sys.stderr.write("bench/machine.py: no CUDA device\n")
+        log.error("no CUDA device")
         return 3
     props = torch.cuda.get_device_properties(0)
     info = {"kind": "jemfast-gpu-check", **machine_info(),
@@ -118,12 +122,11 @@ def main() -> int:
     info["copy"] = copy_rate()
     Path(sys.argv[1]).write_text(json.dumps(info, indent=1))
     g = info["gemm"]
-    # the stage log's summary lines (this script's output is the JSON file; these lines repeat it)
-    sys.stdout.write(f"{info['gpu']}: torch {info['versions']['torch']}, CUDA {info['versions']['cuda']}, "
-                     f"triton {info['versions']['triton']}\n"
-                     f"GEMM {N_GEMM}^3: bf16 {g['bf16']['tflops']:.0f}, TF32 {g['tf32']['tflops']:.0f}, "
-                     f"fp32 {g['fp32']['tflops']:.1f} TFLOP/s (median); copy {info['copy']['gbs']:.0f} GB/s; "
-                     f"auto backend {info['auto_backend']}\n")
+    log.info(f"{info['gpu']}: torch {info['versions']['torch']}, CUDA {info['versions']['cuda']}, "
+             f"triton {info['versions']['triton']}")
+    log.info(f"GEMM {N_GEMM}^3: bf16 {g['bf16']['tflops']:.0f}, TF32 {g['tf32']['tflops']:.0f}, "
+             f"fp32 {g['fp32']['tflops']:.1f} TFLOP/s (median); copy {info['copy']['gbs']:.0f} GB/s; "
+             f"auto backend {info['auto_backend']}; wrote {sys.argv[1]}")
     return 0
 
 

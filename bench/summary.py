@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows, checks, layouts = load(args.paths)
     if not (rows or checks or layouts):
-        print("no jemfast results in", " ".join(args.paths))
+        sys.stderr.write(f"bench/summary.py: no jemfast results in {' '.join(args.paths)}\n")
         return 1
     device = (checks[0]["gpu"] if checks else layouts[0]["gpu"] if layouts else rows[0][1].get("device_name", ""))
     peak = spec_peak(device, args.peak_tflops)
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             + [buffer_table(rows)] + [layout_table(lay, peak, gemm) for lay in layouts]:
         if table:
             out += ["", *table]
-    print("\n".join(out))
+    sys.stdout.write("\n".join(out) + "\n")  # the tables are this script's output
     return 0
 
 
