@@ -193,7 +193,7 @@ def test_without_ray_one_line_and_exit_2(tmp_path):
     (["--space", "sgld_noise=loguniform:-1,1"], "sgld_noise"),
     (["--lr", "abc"], "--lr"),
     (["--scheduler", "bohb"], "--scheduler"),
-    (["--dataset", "digits", "--sgld-steps", "0"], "sgld_steps"),
+    (["--dataset", "digits", "--sgld-steps", "0"], "--sgld-steps (sampler.n_steps): must be >= 1, got 0"),
     (["--dataset", "digits", "--num-samples", "0"], "--num-samples"),
     (["--dataset", "digits", "--storage-path", "s3://bucket/x"], "--storage-path"),
     (["--resume", "--name", "nothing-here"], "--resume"),

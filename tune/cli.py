@@ -24,8 +24,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from jemfast.cli import FLAGS, OneLineParser, config_from_args, run_cli
+from jemfast.cli import OneLineParser, run_cli
+from jemfast.config import FLAGS_BY_KEY, Config, build_config
 from jemfast.errors import UserError
+from jemfast.schema import add_flags, given_values, to_argv
 
 from .objective import ScoreWeights
 from .results import STATUSES
@@ -34,12 +36,13 @@ from .space import CORE, PARAMS, PBT_MUTABLE, Spec, build_specs, flag_for, read_
 PROG = "python -m jemfast.tune"
 PLAN_FILE = "jemfast_tune.json"
 NO_RAY = ("Ray Tune is not installed; install the tune extra: pip install 'jemfast[tune]'")
-PASS_SWITCHES = ("--compile", "--channels-last")
-NOT_PASSED = ("--out",)  # each trial has its own run directory
+# each trial has its own run directory, resumes and overwrites as Tune says, and shows no progress bar
+NOT_PASSED = ("run.out", "run.resume", "run.overwrite", "run.progress")
+TRAIN = "train:"  # argparse dest prefix of the training flags
 
 # --smoke-test: 4 small digits trials (one with an injected divergence), ~1 minute on 2 cores.
-SMOKE_TRAIN = [["--dataset", "digits"], ["--hidden", "16"], ["--sgld-steps", "5"], ["--warmup-iters", "10"],
-               ["--log-every", "5"], ["--check-every", "5"], ["--sample-every", "100000"]]
+SMOKE_TRAIN = {"data.dataset": "digits", "model.hidden": 16, "sampler.n_steps": 5, "optim.warmup_iters": 10,
+               "run.log_every": 5, "stability.check_every": 5, "run.sample_every": 100000}
 SMOKE_SPACE = {"buffer_size": "choice:250,500,1000", "inject_divergence": "grid:12,-1,-1,-1"}
 SMOKE_TUNE = {"num_samples": 1, "max_epochs": 3, "cpus_per_trial": 1.0, "grace_period": 1}
 
@@ -97,39 +100,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TESTING AID: every trial's worker process kills itself (SIGKILL) after reporting "
                         "this epoch, on its first attempt only")
     t = p.add_argument_group("training flags (as for python -m jemfast.train; they set every trial's base)")
-    t.add_argument("--dataset", default=None, help="dataset (default cifar10)")
-    for flag, _, typ, help_ in FLAGS:
-        if flag not in NOT_PASSED:
-            t.add_argument(flag, dest="train:" + flag, type=_checked(typ), default=None, metavar="VALUE", help=help_)
-    for flag in PASS_SWITCHES:
-        t.add_argument(flag, dest="train:" + flag, action="store_true", help="as for jemfast.train")
+    add_flags(t, Config, skip=NOT_PASSED, dest_prefix=TRAIN)
     return p
 
 
-def _checked(typ: Any) -> Any:
-    """An argparse type that checks the value with jemfast.train's ``typ`` but keeps the text
-    (it is handed on to jemfast.train's own parser and into the best command)."""
-    def convert(text: str) -> str:
-        typ(text)
-        return text
-
-    convert.__name__ = getattr(typ, "__name__", "value").lstrip("_")
-    return convert
+def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The training flags given, as dotted config overrides (smoke-test defaults first)."""
+    given = given_values(args, Config, TRAIN)
+    return {**SMOKE_TRAIN, **given} if args.smoke_test else given
 
 
-def _train_pairs(args: argparse.Namespace) -> list[list[Any]]:
-    """The training flags given, as ``[[flag, value-or-None], ...]`` (smoke defaults first)."""
-    given: list[list[Any]] = []
-    if args.dataset is not None:
-        given.append(["--dataset", args.dataset])
-    for flag, _, _, _ in FLAGS:
-        if flag not in NOT_PASSED and getattr(args, "train:" + flag) is not None:
-            given.append([flag, getattr(args, "train:" + flag)])
-    given += [[flag, None] for flag in PASS_SWITCHES if getattr(args, "train:" + flag)]
-    if not args.smoke_test:
-        return given
-    names = {g[0] for g in given}
-    return [p for p in SMOKE_TRAIN if p[0] not in names] + given
+def as_pairs(overrides: dict[str, Any]) -> list[list[Any]]:
+    """Overrides as ``[[flag, text-or-None], ...]`` (None: a switch), for printed commands."""
+    pairs = []
+    for key, value in overrides.items():
+        argv = to_argv(Config, {key: value})
+        if argv:
+            pairs.append([argv[0], argv[1] if len(argv) > 1 else None])
+    return pairs
 
 
 def _parse_space_args(items: list[str]) -> dict[str, str]:
@@ -144,9 +132,9 @@ def _parse_space_args(items: list[str]) -> dict[str, str]:
 
 def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     """Everything an experiment needs, JSON-serialisable (saved as jemfast_tune.json)."""
-    pairs = _train_pairs(args)
-    flat = [tok for flag, value in pairs for tok in ([flag] if value is None else [flag, str(value)])]
-    base = config_from_args(flat + ["--no-progress"])
+    overrides = train_overrides(args)
+    pairs = as_pairs(overrides)
+    base = build_config({**overrides, "run.progress": False})
     smoke = SMOKE_TUNE if args.smoke_test else {}
     max_epochs = args.max_epochs if args.max_epochs is not None else smoke.get("max_epochs", base.optim.epochs)
     if max_epochs < 1:
@@ -157,7 +145,7 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     if args.space_file:
         given.update(read_space_file(args.space_file))
     given.update(_parse_space_args(args.space))
-    flags_given = {p[0] for p in pairs}
+    flags_given = {FLAGS_BY_KEY[k] for k in overrides}
     fixed_by_flag = {n for n in CORE if flag_for(PARAMS[n]) in flags_given and n not in given}
     specs = build_specs(base, given, fixed_by_flag)
     num_samples = args.num_samples if args.num_samples is not None else smoke.get("num_samples", 8)
@@ -439,7 +427,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 def _default_name(args: argparse.Namespace) -> str:
     """--name, else the dataset (digits for --smoke-test, cifar10 as for jemfast.train)."""
-    return args.name or args.dataset or ("digits" if args.smoke_test else "cifar10")
+    return args.name or getattr(args, TRAIN + "data.dataset", None) or ("digits" if args.smoke_test else "cifar10")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jemfast.cli import FLAGS
-from jemfast.config import Config, set_dotted, validate
+from jemfast.config import FLAGS_BY_KEY, Config, set_dotted, validate
 from jemfast.errors import UserError
 
 # name -> config field. The matching `python -m jemfast.train` flag is looked up in FLAGS.
@@ -48,11 +47,8 @@ KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "lograndint", "fi
 
 
 def flag_for(key: str) -> str:
-    """The ``jemfast.train`` flag that sets config field ``key`` (from jemfast.cli.FLAGS)."""
-    for flag, field_key, _, _ in FLAGS:
-        if field_key == key:
-            return flag
-    raise KeyError(key)
+    """The ``jemfast.train`` flag that sets config field ``key``."""
+    return FLAGS_BY_KEY[key]
 
 
 @dataclass
