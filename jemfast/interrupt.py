@@ -7,6 +7,10 @@ SIGTERM is answered within one SGLD step instead of one whole iteration. The tra
 """
 from __future__ import annotations
 
+import os
+import signal
+import threading
+
 _requested: int | None = None
 
 
@@ -36,3 +40,17 @@ def stop_requested() -> int | None:
 def raise_if_stopped() -> None:
     if _requested is not None:
         raise StopRequested(_requested)
+
+
+def quiet_startup_signals() -> None:
+    """Until a CLI installs its own handlers, SIGINT/SIGTERM end the process with one line and
+    exit code 128 + signal, instead of a KeyboardInterrupt traceback from deep inside an import."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        os.write(2, f"jemfast: stopped by signal {signum} during start-up\n".encode())
+        os._exit(128 + signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, handler)

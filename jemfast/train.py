@@ -113,9 +113,12 @@ class Trainer:
                             return self.finish(stop.status)
                         self.recover(stop.cause)
             except OSError as exc:  # disk full, read-only file system, ...
+                where = f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}"
+                if self.recovery.last_good is None:
+                    raise UserError(f"writing to --out {self.out} failed ({where}); nothing of an "
+                                    f"earlier run there was changed") from None
                 self._write_failure_summary()
-                raise UserError(f"writing to --out {self.out} failed ({exc.strerror or exc}"
-                                f"{': ' + str(exc.filename) if exc.filename else ''}); "
+                raise UserError(f"writing to --out {self.out} failed ({where}); "
                                 f"last good checkpoint: {self.recovery.last_good}") from None
             finally:
                 self._restore_signal_handlers(old_handlers)
