@@ -9,6 +9,10 @@
   ``torch.cuda.set_sync_debug_mode("error")`` once captured;
 - ``--compile`` training on CUDA runs under ``set_sync_debug_mode("warn")`` with no
   synchronising call inside the SGLD chain (after its first two calls: compile/capture).
+
+Tests that run torch.compile carry the ``compile`` marker: bench/gpu.sh's ``check`` stage runs
+``-m "gpu and not compile"`` and its ``compile`` stage ``-m "gpu and compile"`` (with
+``TORCH_LOGS=recompiles``), so each fits one short GPU command. Mark any new compiling test.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ pytestmark = [pytest.mark.gpu,
 
 DEV = torch.device("cuda")
 B, SHAPE, STEPS, ALPHA, SIGMA, ATOL = 64, (1, 8, 8), 20, 1.0, 0.01, 1e-4
-FAST = ["fused", "graph", "compile"]
+FAST = ["fused", "graph", pytest.param("compile", marks=pytest.mark.compile)]
 
 
 @pytest.fixture(autouse=True)
@@ -147,6 +151,7 @@ def test_pcd_step_does_not_sync():
     assert torch.isfinite(buffer.data).all()
 
 
+@pytest.mark.compile
 def test_compile_training_has_no_sync_inside_the_chain(tmp_path, monkeypatch):
     from tests.conftest import tiny_digits_config
     from jemfast.train import train
@@ -174,6 +179,7 @@ def test_compile_training_has_no_sync_inside_the_chain(tmp_path, monkeypatch):
     assert not flagged, flagged[:3]
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("backend", ["compile"])
 def test_compile_chain_does_not_sync_after_warmup(backend):
     chain, model, x = _chain(backend), _model(), _x()
