@@ -42,7 +42,7 @@ from .ckpt_schema import Corrupt, check_fits, parse_checkpoint, shorten
 from .config import Config
 from .buffer import ReplayBuffer
 from .errors import UserError
-from .sampler import SGLD
+from .sgld import SGLD
 from .stability import RecoveryState
 
 FORMAT_VERSION = 2

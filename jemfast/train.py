@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,6 @@ from typing import Any, Callable, Iterable
 import torch
 from tqdm import tqdm
 
-from . import __version__
 from .build import build_buffer, build_model, build_optimizer, build_sampler, resolve_device, seed_all
 from .checkpoint import Progress, fits_run, read_checkpoint, restore_training_state, training_state
 from .cli import config_from_args, run_cli
@@ -28,16 +26,17 @@ from .errors import DivergenceExhausted, UserError
 from .log import get_logger, progress_safe_logging, setup_cli_logging
 from .metrics import MetricsLog, MetricWindow
 from .plots import save_image_grid, save_toy2d_plot
-from .rundir import checkpoint_candidates, clear_run, mark_best, prepare_out, save_good_checkpoint, write_json
-from .stability import DivergenceMonitor, InjectDivergence, RecoveryState
+from .interrupt import StopRequested, stop_on_signals
+from .resume import check_identity, reconcile, restarts_after_checkpoint
+from .rundir import (checkpoint_candidates, drop_previous, mark_best, prepare_out, remove_stale_temp_files,
+                     restore_previous, save_good_checkpoint, set_aside_previous, write_json)
+from .summary import existing_summary, run_summary, write_failure_summary
+from .stability import DivergenceMonitor, InjectDivergence, RecoveryState, recovery_action
 from .step import accuracy, lr_at, set_lr, train_step
 
 log = get_logger(__name__)
 Report = Callable[[dict[str, Any]], None]
 Hook = Callable[["Trainer"], None]  # called at the start of every iteration
-# Fields that must match between a checkpoint and the run resuming it.
-IDENTITY = ("data.dataset", "model.name", "model.depth", "model.width", "model.norm",
-            "model.hidden", "sampler.buffer_size", "sampler.class_cond")
 
 
 @dataclass
@@ -52,16 +51,32 @@ class Trainer:
     """The live state of one run; :meth:`run` trains to the end and returns the summary."""
 
     def __init__(self, cfg: Config, report: Report | None = None, hooks: Iterable[Hook] = ()) -> None:
+        """Build everything and check everything that can fail before touching ``--out``'s
+        contents: a failing start never changes a saved run."""
         self.cfg, self.report = cfg, report
         self.device = resolve_device(cfg.run.device)
-        self.out = prepare_out(cfg.run)
+        self.out, self.lock = prepare_out(cfg.run)
+        try:
+            self._build(cfg, hooks)
+            remove_stale_temp_files(self.out)  # safe: we hold the lock
+            self.resume_step = self._resume() if cfg.run.resume else None
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self, cfg: Config, hooks: Iterable[Hook]) -> None:
         seed_all(cfg.run.seed)
         self.data = load_data(cfg.data, self.device)
         shape, n_classes = self.data.input_shape, self.data.n_classes
+        self.per_epoch = self.data.train.n_batches(cfg.optim.batch_size, drop_last=True)
+        if self.per_epoch == 0:
+            raise UserError(f"--batch-size {cfg.optim.batch_size} is larger than the training set "
+                            f"({len(self.data.train)})")
         self.model = build_model(cfg, shape, n_classes, self.device)
         self.optimizer = build_optimizer(cfg, self.model)
         self.buffer = build_buffer(cfg, shape, n_classes, self.device)
         self.sampler = build_sampler(cfg)
+        self.sampler.chain_fn(self.device)  # an unusable --backend fails here, not mid-run
         self.monitor = DivergenceMonitor(cfg.stability, self.device)
         self.progress = Progress(seed=cfg.run.seed)
         self.recovery = RecoveryState()
@@ -71,34 +86,64 @@ class Trainer:
         self.stop_signal: int | None = None
         self.valid_acc = float("nan")
         self.lr = cfg.optim.lr
-        resume_step = self._resume() if cfg.run.resume else None
-        if not cfg.run.resume and cfg.run.overwrite:
-            clear_run(self.out)
-        self.metrics = MetricsLog(self.out, resume_step)
+        self.t0 = time.perf_counter()
 
     # ---- the loop ----------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        o = self.cfg.optim
-        self.per_epoch = self.data.train.n_batches(o.batch_size, drop_last=True)
-        if self.per_epoch == 0:
-            raise UserError(f"--batch-size {o.batch_size} is larger than the training set ({len(self.data.train)})")
-        self.t0 = time.perf_counter()
-        self.bar = tqdm(total=self.per_epoch * o.epochs, initial=self.progress.step, disable=not self.cfg.run.progress,
-                        unit="it", dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 15.0)
-        old_handlers = self._install_signal_handlers()
+        """Train to the last epoch (rolling back on divergence); returns the summary."""
+        o, p = self.cfg.optim, self.progress
         try:
-            with progress_safe_logging():
-                if self.recovery.snapshot is None:
-                    self.save_checkpoint()  # iteration 0: the first rollback target
-                while True:
-                    stop = self._train()
-                    if stop.status != "diverged":
-                        return self.finish(stop.status)
-                    self.recover(stop.cause)
+            if p.epoch >= o.epochs:  # a finished run resumed: nothing to do, nothing rewritten
+                log.info(f"the run in {self.out} already finished its {p.epoch} epochs; "
+                         f"pass a larger --epochs to train on")
+                return existing_summary(self)
+            self.t0 = time.perf_counter()
+            self.bar = tqdm(total=self.per_epoch * o.epochs, initial=p.step, disable=not self.cfg.run.progress,
+                            unit="it", dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 15.0)
+            try:
+                with stop_on_signals(self._on_signal), progress_safe_logging():
+                    self._start_outputs()
+                    while True:
+                        stop = self._train()
+                        if stop.status != "diverged":
+                            return self.finish(stop.status)
+                        self.recover(stop.cause)
+            except OSError as exc:  # disk full, read-only file system, ...
+                where = f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}"
+                if self.recovery.last_good is None:
+                    raise UserError(f"writing to --out {self.out} failed ({where}); nothing of an "
+                                    f"earlier run there was changed") from None
+                write_failure_summary(self)
+                raise UserError(f"writing to --out {self.out} failed ({where}); "
+                                f"last good checkpoint: {self.recovery.last_good}") from None
+            finally:
+                self.bar.close()
+                if hasattr(self, "metrics"):
+                    self.metrics.close()
         finally:
-            self._restore_signal_handlers(old_handlers)
-            self.bar.close()
-            self.metrics.close()
+            self.lock.release()
+
+    def _on_signal(self, signum: int) -> None:
+        self.stop_signal = signum
+
+    def _start_outputs(self) -> None:
+        """Open metrics.jsonl and write the first checkpoint. ``--overwrite`` sets the old run
+        aside first and deletes it only once that checkpoint exists (put back on failure)."""
+        overwrite = self.cfg.run.overwrite and self.resume_step is None
+        if overwrite:
+            set_aside_previous(self.out)
+        try:
+            self.metrics = MetricsLog(self.out, self.resume_step)
+            if self.recovery.snapshot is None:
+                self.save_checkpoint()  # iteration 0: the first rollback target
+        except BaseException:
+            if overwrite:
+                if hasattr(self, "metrics"):
+                    self.metrics.close()
+                restore_previous(self.out)
+            raise
+        if overwrite:
+            drop_previous(self.out)
 
     def _train(self) -> Stop:
         """Train from the current position to the last epoch, or until a stop."""
@@ -111,7 +156,11 @@ class Trainer:
                 if self.stop_signal is not None:
                     cause = self.save_checkpoint()
                     return Stop("diverged", cause) if cause else Stop("interrupted")
-                out = self._iteration(x, y)
+                try:
+                    out = self._iteration(x, y)
+                except StopRequested:  # a signal inside the SGLD chain: drop the unfinished iteration
+                    cause = self.save_checkpoint()
+                    return Stop("diverged", cause) if cause else Stop("interrupted")
                 cause = self._every_n_iterations(out.x_fake)
                 if cause:
                     return Stop("diverged", cause)
@@ -187,7 +236,7 @@ class Trainer:
         if cause:
             return cause
         state = self.state()
-        path = save_good_checkpoint(state, self.out, self.progress.step, self.cfg.stability.good_ring)
+        path = save_good_checkpoint(state, self.out, self.progress.step, self.cfg.stability.good_ring)  # OSError: see run()
         self.recovery.checkpointed(state, path)
         return None
 
@@ -202,26 +251,41 @@ class Trainer:
                 errors.append(str(exc))
                 log.warning(f"{exc}; trying an older checkpoint")
                 continue
-            self._check_identity(ckpt, path)  # another run's checkpoint: the flags are wrong, stop
+            saved_cfg = Config.from_dict(ckpt["config"])
+            check_identity(saved_cfg, self.cfg, path)  # another run's checkpoint: the flags are wrong, stop
+            optimizer = self.optimizer  # the optimizer kind continues (resume.KEEP): its state belongs to it
+            if saved_cfg.optim.optimizer != self.cfg.optim.optimizer:
+                optimizer = build_optimizer(saved_cfg, self.model)
             try:
-                restore_training_state(ckpt, self.model, self.optimizer, self.buffer, self.sampler, self.progress,
+                restore_training_state(ckpt, self.model, optimizer, self.buffer, self.sampler, self.progress,
                                        self.recovery, source=path)
             except UserError as exc:
                 errors.append(str(exc))
                 log.warning(f"{exc}; trying an older checkpoint")
                 continue
+            self.optimizer = optimizer
+            for line in reconcile(saved_cfg, self.cfg, int(ckpt["step"])):
+                log.warning(line)
             self.recovery.checkpointed(ckpt, path)
+            self._reapply_lost_restarts()
+            self.sampler.n_steps = self.cfg.sampler.n_steps * self.recovery.sgld_steps_factor
             log.info(f"resuming from {path} (epoch {self.progress.epoch}, iteration {self.progress.step})")
             return self.progress.step
         raise UserError(f"--resume: no readable checkpoint in {self.out / 'checkpoints'} ({'; '.join(errors)})")
 
-    def _check_identity(self, ckpt: dict[str, Any], path: Path) -> None:
-        theirs, ours = Config.from_dict(ckpt["config"]), self.cfg
-        for key in IDENTITY:
-            section, name = key.split(".")
-            a, b = getattr(getattr(theirs, section), name), getattr(getattr(ours, section), name)
-            if a != b:
-                raise UserError(f"checkpoint {path} is from another run: {key} is {a!r} there, {b!r} here")
+    def _reapply_lost_restarts(self) -> None:
+        """Restarts logged after the checkpoint (the process was killed before the next one):
+        apply their actions again, as the rollback they made had restored this very state."""
+        rec, p = self.recovery, self.progress
+        for event in restarts_after_checkpoint(self.out / "metrics.jsonl", len(rec.restarts)):
+            action = recovery_action(int(event["restart"]), self.cfg.run.seed)
+            rec.apply(action)
+            p.seed = action.new_seed
+            seed_all(p.seed)
+            if action.reset_buffer:
+                self.buffer.reset()
+            rec.restarts.append(event)
+            log.warning(f"re-applying restart {action.restart} (logged after the checkpoint): {action.describe()}")
 
     def recover(self, cause: str) -> None:
         """Roll back and restart with the next action of the recovery policy (jemfast.stability),
@@ -235,9 +299,9 @@ class Trainer:
                 f"{len(rec.restarts)} restart(s); last good checkpoint: {rec.last_good}")
         diverged_at = p.step
         action = rec.next_action(self.cfg.run.seed)
+        rec.apply(action)
         restore_training_state(self._rollback_target(rec.depth), self.model, self.optimizer, self.buffer,
                                self.sampler, p, recovery=None, restore_rng=False)
-        rec.apply(action)
         p.seed = action.new_seed
         seed_all(p.seed)
         self.sampler.n_steps = self.cfg.sampler.n_steps * rec.sgld_steps_factor
@@ -289,38 +353,13 @@ class Trainer:
         self._save_samples(self.buffer.data[rows.to(self.device)], name)
 
     def finish(self, status: str) -> dict[str, Any]:
-        p = self.progress
         finished = status == "finished"
         test_acc = accuracy(self.model, self.data.test, precision=self.cfg.run.precision) if finished else math.nan
-        summary = {
-            "status": status, "valid_acc": self.valid_acc, "best_valid_acc": p.best_valid_acc,
-            "test_acc": test_acc, "epochs": p.epoch, "iterations": p.step,
-            "wall_time_s": time.perf_counter() - self.t0, "device": str(self.device),
-            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-            "torch_version": torch.__version__, "jemfast_version": __version__,
-            "sgld_backend": self.sampler.backend, "restarts": self.recovery.restarts,
-            "out": str(self.out), "stop_signal": self.stop_signal, "config": self.cfg.to_dict(),
-        }
+        summary = run_summary(self, status, test_acc)
         write_json(summary, self.out / "summary.json")
         if finished:
-            self.metrics.write({"event": "finished", "step": p.step, "test_acc": test_acc})
+            self.metrics.write({"event": "finished", "step": self.progress.step, "test_acc": test_acc})
         return summary
-
-    # ---- signals -----------------------------------------------------------------------
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-
-        def handler(signum: int, _frame: Any) -> None:
-            if self.stop_signal is not None:  # a second signal: stop now, without a checkpoint
-                raise KeyboardInterrupt
-            self.stop_signal = signum
-
-        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def _restore_signal_handlers(self, old: dict[int, Any]) -> None:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def train(cfg: Config, report: Report | None = None, hooks: Iterable[Hook] = ()) -> dict[str, Any]:
@@ -347,7 +386,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(summary['restarts'])} restart(s); outputs in {summary['out']}")
         return 0
 
-    return run_cli(_run, "jemfast.train")
+    try:
+        return run_cli(_run, "jemfast.train")
+    except KeyboardInterrupt:
+        sys.stderr.write("jemfast.train: interrupted\n")
+        return 130
 
 
 if __name__ == "__main__":
