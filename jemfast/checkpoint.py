@@ -38,7 +38,7 @@ from torch import nn
 
 from . import __version__
 from .build import build_buffer, build_model
-from .ckpt_schema import Corrupt, check_fits, parse_checkpoint, shorten
+from .ckpt_schema import Corrupt, parse_checkpoint, shorten
 from .config import Config
 from .buffer import ReplayBuffer
 from .errors import UserError
@@ -208,11 +208,38 @@ def restore_training_state(ckpt: dict[str, Any], model: nn.Module, optimizer: to
 
 def fits_run(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, buffer: ReplayBuffer,
              source: str | Path) -> None:
-    """Raise UserError unless ``ckpt`` loads as a whole into this model, optimizer and buffer."""
+    """Raise UserError unless ``ckpt`` (as :func:`read_checkpoint` returns it) loads as a whole
+    into this model, optimizer and buffer."""
     try:
-        check_fits(ckpt, model, optimizer, buffer)
+        _check_fits(ckpt, model, optimizer, buffer)
     except Corrupt as exc:
         raise UserError(f"checkpoint {source} does not fit this run ({exc})") from None
+
+
+def _check_fits(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, buffer: ReplayBuffer) -> None:
+    live = model.state_dict()
+    if set(live) != set(ckpt["model"]):
+        raise Corrupt("its model has other tensors than this run's model")
+    for k, v in live.items():
+        if tuple(v.shape) != tuple(ckpt["model"][k].shape):
+            raise Corrupt(f"model tensor {k} has shape {list(ckpt['model'][k].shape)}, this run's {list(v.shape)}")
+    name = ckpt["config"]["optim"]["optimizer"]
+    live_name = "sgd" if isinstance(optimizer, torch.optim.SGD) else "adam"
+    if name != live_name:
+        raise Corrupt(f"its optimizer state is {name}'s, this run uses {live_name}")
+    live_params = [p for g in optimizer.param_groups for p in g["params"]]
+    saved_groups = ckpt["optimizer"]["param_groups"]
+    if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in optimizer.param_groups]:
+        raise Corrupt("its optimizer groups the parameters differently from this run's")
+    for pid, entry in ckpt["optimizer"]["state"].items():
+        for key, v in entry.items():
+            if key != "step" and v is not None and tuple(v.shape) != tuple(live_params[pid].shape):
+                raise Corrupt(f"optimizer state {pid} {key} does not match this run's parameter")
+    data = ckpt["buffer"]["data"]
+    if tuple(data.shape) != (buffer.capacity, *buffer.shape):
+        raise Corrupt(f"buffer data has shape {list(data.shape)}, this run's buffer {[buffer.capacity, *buffer.shape]}")
+    if ckpt["buffer"]["n_classes"] != (-1 if buffer.n_classes is None else buffer.n_classes):
+        raise Corrupt("its buffer is split by class differently from this run's")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:

@@ -15,8 +15,6 @@ What it checks:
   all tensors together no larger than the file, so nothing read from a small file can later be
   cloned or allocated into gigabytes. Config sizes (depth, n_classes, input shape) are bounded
   before the meta model is built.
-
-:func:`check_fits` compares a parsed checkpoint with a live model, optimizer and buffer.
 """
 from __future__ import annotations
 
@@ -386,31 +384,3 @@ def _python_rng(x: Any) -> tuple:
     except (ValueError, TypeError):
         raise Corrupt("rng python state is not a valid Mersenne Twister state") from None
     return state
-
-
-# ---- against a live run ----------------------------------------------------------------------
-def check_fits(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, buffer: Any) -> None:
-    """Raise :class:`Corrupt` unless the parsed ``ckpt`` loads into these live objects as a whole."""
-    live = model.state_dict()
-    if set(live) != set(ckpt["model"]):
-        raise Corrupt("its model has other tensors than this run's model")
-    for k, v in live.items():
-        if tuple(v.shape) != tuple(ckpt["model"][k].shape):
-            raise Corrupt(f"model tensor {k} has shape {list(ckpt['model'][k].shape)}, this run's {list(v.shape)}")
-    name = ckpt["config"]["optim"]["optimizer"]
-    live_name = "sgd" if isinstance(optimizer, torch.optim.SGD) else "adam"
-    if name != live_name:
-        raise Corrupt(f"its optimizer state is {name}'s, this run uses {live_name}")
-    live_params = [p for g in optimizer.param_groups for p in g["params"]]
-    saved_groups = ckpt["optimizer"]["param_groups"]
-    if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in optimizer.param_groups]:
-        raise Corrupt("its optimizer groups the parameters differently from this run's")
-    for pid, entry in ckpt["optimizer"]["state"].items():
-        for key, v in entry.items():
-            if key != "step" and v is not None and tuple(v.shape) != tuple(live_params[pid].shape):
-                raise Corrupt(f"optimizer state {pid} {key} does not match this run's parameter")
-    data = ckpt["buffer"]["data"]
-    if tuple(data.shape) != (buffer.capacity, *buffer.shape):
-        raise Corrupt(f"buffer data has shape {list(data.shape)}, this run's buffer {[buffer.capacity, *buffer.shape]}")
-    if ckpt["buffer"]["n_classes"] != (-1 if buffer.n_classes is None else buffer.n_classes):
-        raise Corrupt("its buffer is split by class differently from this run's")

@@ -6,12 +6,10 @@ good-15 with nothing of the bad file applied, and ``read_checkpoint``/``load_che
 refuse the bad file with one "corrupt" line, fast and without allocating what it claims.
 """
 import copy
-import resource
 import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
