@@ -11,6 +11,7 @@ processes dies.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from datetime import timedelta
 from typing import Any, Callable, Iterator, TypeVar
@@ -31,6 +32,11 @@ class PeerFailed(UserError):
 def env_world_size() -> int:
     """``WORLD_SIZE`` from the environment (1 when not launched by torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def env_is_main() -> bool:
+    """``RANK`` from the environment is 0 (or unset): this process reports for the run."""
+    return os.environ.get("RANK", "0") in ("", "0")
 
 
 def active() -> bool:
@@ -78,6 +84,8 @@ def session(device_name: str) -> Iterator[None]:
         rank_device(device_name)
     dist.init_process_group("nccl" if use_nccl else "gloo", timeout=timeout)
     _control = dist.new_group(backend="gloo", timeout=timeout) if use_nccl else dist.group.WORLD
+    if dist.get_rank() != 0:  # rank 0 logs for the run
+        logging.getLogger("jemfast").setLevel(logging.ERROR)
     try:
         yield
     finally:

@@ -88,8 +88,13 @@ def compiled_loss_terms() -> Callable[..., dict[str, torch.Tensor]]:
 
 
 def train_step(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, sampler: SGLD,
-               buffer: ReplayBuffer, x: torch.Tensor, y: torch.Tensor, n_classes: int) -> StepOutput:
+               buffer: ReplayBuffer, x: torch.Tensor, y: torch.Tensor, n_classes: int,
+               loss_model: nn.Module | None = None) -> StepOutput:
     """One JEM iteration on a labelled batch ``x: Tensor[B, *shape]``, ``y: Tensor[B]``.
+
+    ``loss_model`` (default ``model``) runs the loss forward: under torchrun the
+    DistributedDataParallel wrapper, whose backward all-reduces the gradients; SGLD always uses
+    the bare ``model``, so its input-gradient passes communicate nothing.
 
     With ``run.channels_last`` 4-D batches are laid out channels-last (the model is too).
     Metrics: those of :func:`loss_terms` plus ``grad_norm`` (global L2 norm before the step).
@@ -104,9 +109,10 @@ def train_step(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, 
         x_fake = sampler.sample(model, buffer, b, y_fake)
         if cfg.run.channels_last and x_fake.dim() == 4:
             x_fake = x_fake.contiguous(memory_format=torch.channels_last)
-    model.train()
+    net = model if loss_model is None else loss_model
+    net.train()
     terms = compiled_loss_terms() if cfg.run.compile else loss_terms
-    metrics = terms(model, x, x_fake, y, w.p_y_given_x_weight, w.p_x_weight, cfg.run.precision)
+    metrics = terms(net, x, x_fake, y, w.p_y_given_x_weight, w.p_x_weight, cfg.run.precision)
     optimizer.zero_grad(set_to_none=True)
     metrics["loss"].backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
