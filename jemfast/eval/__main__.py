@@ -4,8 +4,9 @@ from __future__ import annotations
 import sys
 
 from ..cli import run_cli
+from ..log import setup_cli_logging
 from .options import options_from_args
-from .runner import run_eval
+from .runner import exit_on_interrupt, run_eval
 
 
 def summary_lines(r: dict) -> list[str]:
@@ -38,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
               f"in {results['timings_s']['total']:.0f} s")
         return 0
 
-    return run_cli(_run, "jemfast.eval")
+    setup_cli_logging("jemfast.eval")
+    with exit_on_interrupt("jemfast.eval"):
+        return run_cli(_run, "jemfast.eval")
 
 
 if __name__ == "__main__":
