@@ -124,7 +124,7 @@ def test_sigint_is_one_line_and_exit_130(digits_ckpt, tmp_path):
         proc.kill()
     err = "".join(lines) + err
     assert proc.returncode == 130, err
-    assert "Traceback" not in err and err.strip().splitlines()[-1] == "jemfast.eval: interrupted", err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "jemfast.eval: stopped by SIGINT", err
     assert not (tmp_path / "ev" / "eval.json").exists()
 
 

@@ -6,7 +6,7 @@ import sys
 from ..cli import run_cli
 from ..log import setup_cli_logging
 from .options import options_from_args
-from .runner import exit_on_interrupt, run_eval
+from .runner import exit_on_signals, run_eval
 
 
 def summary_lines(r: dict) -> list[str]:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     setup_cli_logging("jemfast.eval")
-    with exit_on_interrupt("jemfast.eval"):
+    with exit_on_signals("jemfast.eval"):
         return run_cli(_run, "jemfast.eval")
 
 

@@ -32,30 +32,31 @@ def default_out(checkpoint: str) -> Path:
 
 
 @contextlib.contextmanager
-def exit_on_interrupt(prog: str) -> Iterator[None]:
-    """While open, SIGINT ends the process at once with one line on stderr and exit code 130.
+def exit_on_signals(prog: str) -> Iterator[None]:
+    """While open, SIGINT/SIGTERM end the process at once with one line on stderr
+    (``prog: stopped by SIGINT``) and exit code 128 + signal (130, 143).
 
     Evaluation never changes the checkpoint and writes eval.json atomically at the end, so
     there is nothing to save; exiting from the handler means no KeyboardInterrupt can surface
-    as a traceback from deep inside torch or matplotlib.
-    The previous handler is restored on exit (``main`` may be called in-process).
+    as a traceback from deep inside torch or matplotlib. The previous handlers are restored on
+    exit (``main`` may be called in-process).
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def handler(_signum: int, _frame: Any) -> None:
+    def handler(signum: int, _frame: Any) -> None:
         with contextlib.suppress(Exception):
             sys.stdout.flush()
-            sys.stderr.write(f"{prog}: interrupted\n")
-            sys.stderr.flush()
-        os._exit(128 + signal.SIGINT)
+        os.write(2, f"{prog}: stopped by {signal.Signals(signum).name}\n".encode())
+        os._exit(128 + signum)
 
-    old = signal.signal(signal.SIGINT, handler)
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, old)
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def run_eval(opts: EvalOptions) -> dict[str, Any]:
