@@ -1,31 +1,45 @@
 """Checkpoints that resume bit-for-bit, written atomically and read weights-only.
 
 A checkpoint is a dict of tensors and plain Python values only (so ``torch.load(...,
-weights_only=True)`` reads it; a file carrying any other pickled object is refused)::
+weights_only=True)`` reads it; a file carrying any other pickled object is refused), built by
+:func:`training_state` and read back by :func:`restore_training_state`::
 
-    format_version, jemfast_version, config (Config.to_dict()), model, optimizer, scheduler,
-    buffer, rng {torch, cuda, numpy, python}, step, epoch, batch_in_epoch, best_valid_acc,
-    restarts, sampler {n_steps, step_size}
+    format_version, jemfast_version, config (Config.to_dict()), input_shape, n_classes,
+    model (state_dict), optimizer (state_dict), buffer (ReplayBuffer.state_dict()),
+    sampler (SGLD state: n_steps), recovery (restarts, lr_scale, sgld_steps_factor),
+    rng {torch, cuda, numpy, python}, step, epoch, batch_in_epoch, best_valid_acc, seed
+
+Format 1 (jemfast 0.1 before this layout) kept the learning-rate factor under
+``scheduler.lr_scale`` and the restart list at the top level; it is still read.
 
 Writes go to a temporary file in the same directory, are fsync'ed, then renamed over the
 target, so a crash (even ``kill -9``) leaves either the old or the new file, never a torn one.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import random
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
+from . import __version__
+from .build import build_buffer, build_model
+from .config import Config
+from .buffer import ReplayBuffer
 from .errors import UserError
+from .sgld import SGLD
+from .stability import RecoveryState
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # Testing aid: seconds to pause between writing a checkpoint's bytes and renaming it into place.
 _TEST_SAVE_DELAY = float(os.environ.get("JEMFAST_TEST_SAVE_DELAY", "0") or 0)
 
@@ -98,6 +112,58 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if ckpt["format_version"] > FORMAT_VERSION:
         raise UserError(f"checkpoint {path} has format {ckpt['format_version']}, "
                         f"this jemfast reads up to {FORMAT_VERSION}; upgrade jemfast")
+    return _upgrade(ckpt)
+
+
+@dataclass
+class Progress:
+    """Where a run is: iterations done, epochs done, batches done in the current epoch, the best
+    validation accuracy so far (-1 before the first), and the seed in force (restarts change it)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_valid_acc: float = -1.0
+    seed: int = 0
+
+
+def training_state(cfg: Config, input_shape: tuple[int, ...], n_classes: int, model: nn.Module,
+                   optimizer: torch.optim.Optimizer, buffer: ReplayBuffer, sampler: SGLD,
+                   progress: Progress, recovery: RecoveryState) -> dict[str, Any]:
+    """The checkpoint dict of a live run (tensors are the live ones: clone or save it at once)."""
+    return {
+        "format_version": FORMAT_VERSION, "jemfast_version": __version__, "config": cfg.to_dict(),
+        "input_shape": list(input_shape), "n_classes": n_classes, "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(), "buffer": buffer.state_dict(),
+        "sampler": {"n_steps": sampler.n_steps}, "recovery": recovery.state_dict(),
+        "rng": rng_state(), **dataclasses.asdict(progress),
+    }
+
+
+def restore_training_state(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                           buffer: ReplayBuffer, sampler: SGLD, progress: Progress,
+                           recovery: RecoveryState | None = None, restore_rng: bool = True) -> None:
+    """Load ``ckpt`` into the live objects. ``recovery=None`` keeps the live recovery state (a
+    rollback: the effects of restarts persist); ``restore_rng=False`` keeps the RNG streams."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    buffer.load_state_dict(ckpt["buffer"])
+    sampler.n_steps = int(ckpt["sampler"]["n_steps"])
+    for f in dataclasses.fields(progress):
+        setattr(progress, f.name, type(getattr(progress, f.name))(ckpt[f.name]))
+    if recovery is not None:
+        recovery.load_state_dict(ckpt["recovery"])
+        recovery.restarts = list(ckpt["recovery"]["restarts"])
+    if restore_rng:
+        set_rng_state(ckpt["rng"])
+
+
+def _upgrade(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """Bring a format-1 checkpoint to the current layout (in place)."""
+    if ckpt.get("format_version") == 1:
+        ckpt["recovery"] = {"restarts": ckpt.pop("restarts", []), "sgld_steps_factor": 1,
+                            "lr_scale": float(ckpt.pop("scheduler", {}).get("lr_scale", 1.0))}
+        ckpt["format_version"] = FORMAT_VERSION
     return ckpt
 
 
@@ -107,24 +173,18 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
     Returns ``{"model": JEM (eval mode, on device), "buffer": ReplayBuffer, "config": Config,
     "step": int, "epoch": int, "raw": the checkpoint dict}``.
     """
-    from .buffer import ReplayBuffer
-    from .config import Config
-    from .energy import JEM
-    from .models import build_classifier
-
+    device = torch.device(device)
     ckpt = read_checkpoint(path, map_location=device)
     cfg = Config.from_dict(ckpt["config"])
     shape, n_classes = tuple(ckpt["input_shape"]), int(ckpt["n_classes"])
-    model = JEM(build_classifier(cfg.model, shape, n_classes)).to(device)
+    model = build_model(cfg, shape, n_classes, device)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
         raise UserError(f"checkpoint {path}: model weights do not fit the model in its config "
                         f"({str(exc).splitlines()[0][:120]})") from None
     model.eval()
-    buffer = ReplayBuffer(cfg.sampler.buffer_size, shape,
-                          n_classes if cfg.sampler.class_cond else None,
-                          cfg.sampler.reinit_freq, device)
+    buffer = build_buffer(cfg, shape, n_classes, device)
     buffer.load_state_dict(ckpt["buffer"])
     return {"model": model, "buffer": buffer, "config": cfg, "step": ckpt["step"],
             "epoch": ckpt["epoch"], "raw": ckpt}

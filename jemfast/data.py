@@ -6,8 +6,9 @@
 - ``cifar10``, ``cifar100``, ``svhn``: torchvision, downloaded into ``data_dir``; the last
   ``n_valid`` images of a fixed permutation of the train split are the validation set.
 
-Augmentation (reflect-pad 4 + random 32x32 crop, horizontal flip except SVHN) runs batched on
-the device; the N(0, noise_std) training noise is added by the training loop.
+Training batches go through :meth:`DataBundle.prepare_train`: augmentation (reflect-pad 4 +
+random 32x32 crop, horizontal flip except SVHN), batched on the device, then the paper's
+N(0, noise_std) noise (noise_std 0.03 in units of the [-1, 1] pixel scale).
 """
 from __future__ import annotations
 
@@ -67,6 +68,14 @@ class DataBundle:
     test: Split
     augment_flip: bool = False
     augment_crop: bool = False
+    noise_std: float = 0.0
+
+    def prepare_train(self, x: torch.Tensor) -> torch.Tensor:
+        """A training batch ``x: Tensor[B, *shape]`` augmented and with N(0, noise_std) added."""
+        x = self.augment(x)
+        if self.noise_std > 0:
+            x = x + self.noise_std * torch.randn_like(x)
+        return x
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         """Random reflect-pad-4 crop and horizontal flip of ``x: Tensor[B, C, H, W]`` on its device."""
@@ -185,7 +194,10 @@ def load_torchvision_bundle(cfg: DataConfig, device: torch.device) -> DataBundle
 def load_data(cfg: DataConfig, device: torch.device) -> DataBundle:
     """Load ``cfg.dataset`` onto ``device``. Raises UserError when it cannot be had."""
     if cfg.dataset == "digits":
-        return load_digits_bundle(device)
-    if cfg.dataset == "toy2d":
-        return load_toy2d_bundle(device)
-    return load_torchvision_bundle(cfg, device)
+        bundle = load_digits_bundle(device)
+    elif cfg.dataset == "toy2d":
+        bundle = load_toy2d_bundle(device)
+    else:
+        bundle = load_torchvision_bundle(cfg, device)
+    bundle.noise_std = cfg.noise_std
+    return bundle

@@ -22,7 +22,9 @@ good checkpoint intact.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -46,9 +48,11 @@ class DivergenceMonitor:
         self.flags = torch.zeros((), dtype=torch.int64, device=device)
         self._bits = 2 ** torch.arange(len(CAUSES), device=device)
 
-    def observe(self, loss: torch.Tensor, e_real: torch.Tensor, e_fake: torch.Tensor,
-                grad_norm: torch.Tensor, x_fake: torch.Tensor | None) -> None:
-        """Record this iteration's failures (all arguments are device scalars except ``x_fake``)."""
+    def observe(self, metrics: dict[str, torch.Tensor], x_fake: torch.Tensor | None) -> None:
+        """Record this iteration's failures from its device-scalar ``metrics`` (loss, e_real,
+        e_fake, grad_norm) and samples ``x_fake: Tensor[B, *shape]`` (or None)."""
+        loss, e_real, e_fake = metrics["loss"], metrics["e_real"], metrics["e_fake"]
+        grad_norm = metrics["grad_norm"]
         energies = torch.stack([loss, e_real, e_fake])
         if x_fake is not None:
             samples_bad = ~torch.isfinite(x_fake).all()
@@ -106,6 +110,76 @@ def recovery_action(k: int, base_seed: int) -> RecoveryAction:
         action.reset_buffer = True
         action.lr_factor = 0.5
     return action
+
+
+@dataclass
+class RecoveryState:
+    """Everything the recovery policy remembers between iterations, in one place.
+
+    ``snapshot`` is an in-memory copy of the newest good checkpoint (what a rollback restores
+    first); ``last_good`` its file. ``saved_since_recovery`` is False from a rollback until the
+    next good checkpoint: a divergence in that window rolls back ``depth`` checkpoints further
+    in the on-disk ring. ``lr_scale`` and ``sgld_steps_factor`` are the cumulative effects of
+    all restarts so far (they persist across rollbacks and are saved in checkpoints).
+    """
+
+    restarts: list[dict[str, Any]] = field(default_factory=list)
+    lr_scale: float = 1.0
+    sgld_steps_factor: int = 1
+    snapshot: dict[str, Any] | None = None
+    last_good: Path | None = None
+    saved_since_recovery: bool = True
+    depth: int = 0
+
+    def checkpointed(self, state: dict[str, Any], path: Path) -> None:
+        """A good checkpoint ``state`` was written to ``path``: it is the new rollback target."""
+        self.snapshot, self.last_good = clone_state(state), path
+        self.saved_since_recovery = True
+
+    def next_action(self, base_seed: int) -> RecoveryAction:
+        """The action of the next restart; moves one checkpoint further back if the last
+        rollback has not been followed by a good checkpoint yet."""
+        self.depth = 0 if self.saved_since_recovery else self.depth + 1
+        self.saved_since_recovery = False
+        return recovery_action(len(self.restarts) + 1, base_seed)
+
+    def apply(self, action: RecoveryAction) -> None:
+        """Make ``action``'s lr and SGLD-step changes cumulative with the earlier ones."""
+        self.lr_scale *= action.lr_factor
+        self.sgld_steps_factor *= action.sgld_steps_factor
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"restarts": list(self.restarts), "lr_scale": self.lr_scale,
+                "sgld_steps_factor": self.sgld_steps_factor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lr_scale = float(state["lr_scale"])
+        self.sgld_steps_factor = int(state["sgld_steps_factor"])
+
+
+def clone_state(obj: Any) -> Any:
+    """Deep copy of a checkpoint dict (tensors cloned), so later training does not alias it."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: clone_state(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(clone_state(v) for v in obj)
+    return obj
+
+
+class InjectDivergence:
+    """Testing aid, as a training hook: at iteration ``step`` (first pass only, never after a
+    restart) blow up the model with :func:`inject_divergence`."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.done = False
+
+    def __call__(self, trainer: Any) -> None:
+        if not self.done and trainer.progress.step == self.step and not trainer.recovery.restarts:
+            self.done = True
+            inject_divergence(trainer.model)
 
 
 def inject_divergence(model: torch.nn.Module) -> None:

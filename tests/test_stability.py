@@ -15,7 +15,8 @@ from tests.conftest import tiny_digits_config
 
 def observe(mon, loss=1.0, e_real=-2.0, e_fake=-1.0, grad=1.0, x=None):
     t = lambda v: torch.tensor(float(v))  # noqa: E731
-    mon.observe(t(loss), t(e_real), t(e_fake), t(grad), torch.zeros(4, 2) if x is None else x)
+    metrics = {"loss": t(loss), "e_real": t(e_real), "e_fake": t(e_fake), "grad_norm": t(grad)}
+    mon.observe(metrics, torch.zeros(4, 2) if x is None else x)
 
 
 @pytest.mark.parametrize("kwargs,cause", [

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from jemfast import load_checkpoint
-from jemfast.checkpoint import read_checkpoint
+from jemfast.checkpoint import FORMAT_VERSION, read_checkpoint
 from jemfast.train import Trainer, train
 from tests.conftest import tiny_digits_config
 
@@ -25,7 +25,7 @@ def test_tiny_run_writes_all_outputs(tiny_cfg):
     on_disk = json.load(open(f"{out}/summary.json"))
     assert on_disk["config"]["data"]["dataset"] == "digits" and on_disk["torch_version"] == torch.__version__
     for name in ("last.pt", "best.pt"):
-        assert read_checkpoint(f"{out}/checkpoints/{name}")["format_version"] == 1
+        assert read_checkpoint(f"{out}/checkpoints/{name}")["format_version"] == FORMAT_VERSION
     pngs = sorted(p.name for p in (Path(out) / "samples").glob("*.png"))
     assert "step_0000010.png" in pngs and "epoch_0002.png" in pngs
     assert [r["epoch"] for r in reports] == [1, 2] and reports[-1]["done"]

@@ -5,8 +5,9 @@ import sys
 
 from ..cli import run_cli
 from ..log import setup_cli_logging
+from ..paths import check_writable_dir
 from .options import options_from_args
-from .runner import exit_on_signals, run_eval
+from .runner import default_out, exit_on_signals, run_eval
 
 
 def summary_lines(r: dict) -> list[str]:
@@ -31,7 +32,9 @@ def summary_lines(r: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     def _run() -> int:
-        results = run_eval(options_from_args(argv))
+        opts = options_from_args(argv)
+        check_writable_dir(opts.out or default_out(opts.checkpoint), "--out")  # before any work
+        results = run_eval(opts)
         for line in summary_lines(results):
             print(line)
         out = results.get("out_dir", "")

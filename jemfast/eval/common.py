@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from ..config import Config
 from ..modes import eval_mode
-from ..sampler import SGLD
+from ..sgld import SGLD
 
 # eval_mode is imported from here by robustness.py; new code imports it from jemfast.modes
 __all__ = ["Skipped", "eval_mode", "is_image", "logits_of", "make_sampler", "progress"]
@@ -41,10 +41,8 @@ def logits_of(model: nn.Module, x: torch.Tensor, batch_size: int = 500,
 
 def make_sampler(cfg: Config, n_steps: int, backend: str, device: torch.device) -> SGLD:
     """An SGLD with the checkpoint's step size and noise, ``n_steps`` steps, on ``backend``
-    (resolved now, so a backend that cannot run on ``device`` fails before any work)."""
-    sampler = SGLD(n_steps, cfg.sampler.step_size, cfg.sampler.noise_std, backend=backend)
-    sampler.chain_fn(device)
-    return sampler
+    (resolved on ``device`` at the first run)."""
+    return SGLD(n_steps, cfg.sampler.step_size, cfg.sampler.noise_std, backend=backend)
 
 
 def is_image(shape: tuple[int, ...]) -> bool:

@@ -15,7 +15,7 @@ import torch
 from .. import __version__
 from ..checkpoint import load_checkpoint
 from ..data import load_data
-from ..train import resolve_device
+from ..build import resolve_device
 from ..log import get_logger, progress_safe_logging
 from ..rundir import write_json
 from .common import Skipped, is_image, make_sampler
