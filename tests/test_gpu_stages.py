@@ -62,19 +62,19 @@ def test_help_prints_usage_and_exits_0():
 def test_check_without_cuda_says_so_in_one_line(tmp_path):
     out = tmp_path / "out" / "nested"
     t0 = time.monotonic()
-    r = _gpu_sh("check", str(out), env={"CUDA_VISIBLE_DEVICES": ""}, timeout=180)
+    r = _gpu_sh("check", str(out), env={"CUDA_VISIBLE_DEVICES": ""}, timeout=600)
     took = time.monotonic() - t0
     assert r.returncode not in (0, 2), r
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "no CUDA device visible" in lines[0], r.stderr
-    assert took < 120  # one torch import, nothing else
+    assert took < 150  # one torch import, nothing else (generous: the CPU may be shared and busy)
     logs = list(out.glob("*.log"))
     assert len(logs) == 1 and logs[0].read_text().strip() == lines[0]
 
 
 def _collect(*args: str) -> list[str]:
     r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
-                       capture_output=True, text=True, cwd=REPO, timeout=300)
+                       capture_output=True, text=True, cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return [line for line in r.stdout.splitlines() if "::" in line]
 
@@ -117,7 +117,7 @@ def test_layout_script_runs_its_flow_on_the_cpu(tmp_path):
     out, trace = tmp_path / "layout.json", tmp_path / "trace.json.gz"
     r = subprocess.run([sys.executable, "bench/layout.py", str(out), "--trace", str(trace), "--device", "cpu",
                         "--backend", "reference", "--workload", "cnn8", "--precision", "fp32", "--steps", "2",
-                        "--rounds", "1"], capture_output=True, text=True, cwd=REPO, timeout=300,
+                        "--rounds", "1"], capture_output=True, text=True, cwd=REPO, timeout=600,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads(out.read_text())
