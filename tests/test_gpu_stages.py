@@ -72,6 +72,24 @@ def test_check_without_cuda_says_so_in_one_line(tmp_path):
     assert len(logs) == 1 and logs[0].read_text().strip() == lines[0]
 
 
+def test_a_stage_runs_its_steps_and_stops_at_its_limit(tmp_path):
+    """The runner's mechanics on the CPU (``JEMFAST_ALLOW_CPU=1``; never installing here): the
+    ``compile`` stage's pytest step runs (its CUDA tests skip), files are named cpu_DATE_STAGE;
+    with a 1-second limit the step is not run and the stage fails, saying why."""
+    env = {"JEMFAST_ALLOW_CPU": "1", "JEMFAST_NO_INSTALL": "1", "CUDA_VISIBLE_DEVICES": ""}
+    r = _gpu_sh("compile", str(tmp_path / "a"), env=env, timeout=600)
+    (log,) = (tmp_path / "a").glob("cpu_*_compile.log")
+    text = log.read_text()
+    assert r.returncode == 0, text[-3000:]
+    assert "== compile-tests" in text and "skipped" in text and "== compile: all steps passed" in text
+    assert "using PYTHONPATH" in text and "== install" not in text.replace("== install: jemfast from", "")
+    r = _gpu_sh("compile", str(tmp_path / "b"), env={**env, "JEMFAST_STAGE_LIMIT_S": "1"}, timeout=600)
+    (log,) = (tmp_path / "b").glob("cpu_*_compile.log")
+    assert r.returncode == 1
+    assert "== compile-tests: not run (stage limit 1s reached)" in log.read_text()
+    assert "FAILED: compile-tests (not run: time)" in r.stdout
+
+
 def _collect(*args: str) -> list[str]:
     r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
                        capture_output=True, text=True, cwd=REPO, timeout=600)
