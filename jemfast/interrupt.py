@@ -7,9 +7,11 @@ SIGTERM is answered within one SGLD step instead of one whole iteration. The tra
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
+from typing import Callable, Iterator
 
 _requested: int | None = None
 
@@ -54,3 +56,31 @@ def quiet_startup_signals() -> None:
 
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def stop_on_signals(on_first: Callable[[int], None]) -> Iterator[None]:
+    """While inside: the first SIGINT/SIGTERM calls ``on_first(signum)`` and :func:`request_stop`
+    (long loops then stop at their next unit of work); a second one exits at once with
+    128 + signal and one line (files on disk are intact: every write is atomic)."""
+    clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    seen: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        if seen:
+            os.write(2, f"jemfast: second signal {signum}: exiting without a checkpoint\n".encode())
+            os._exit(128 + signum)
+        seen.append(signum)
+        request_stop(signum)
+        on_first(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        clear()

@@ -14,7 +14,8 @@ Errors are ``ValueError`` (:class:`OptionError`) whose text starts with the flag
 ``--sgld-steps (sampler.n_steps): must be >= 1, got 0``. Rules (metadata keys): ``lo``/``hi``
 (inclusive bounds), ``gt``/``lt`` (exclusive bounds), ``choices``, ``check`` (a function returning
 a problem or None), ``min_len`` (sequences), ``unique``/``sort`` (sequences), ``action``
-(``store_true``/``store_false`` switches). Bounds and choices of a sequence apply to each item.
+(``store_true``/``store_false`` switches, ``append`` for a repeatable flag of a sequence).
+Bounds and choices of a sequence apply to each item.
 """
 from __future__ import annotations
 
@@ -43,12 +44,13 @@ class OptionError(ValueError):
 
 def option(default: Any = dataclasses.MISSING, flag: str | None = None, help: str = "", *,
            default_factory: Any = dataclasses.MISSING, action: str | None = None,
-           metavar: str | None = None, **rules: Any) -> Any:
-    """A dataclass field with a flag and rules (see the module docstring for the rule names)."""
+           metavar: str | None = None, group: str | None = None, **rules: Any) -> Any:
+    """A dataclass field with a flag and rules (see the module docstring for the rule names).
+    ``group`` names the ``--help`` section the flag is listed in."""
     unknown = set(rules) - set(RULES)
     if unknown:
         raise TypeError(f"option(): unknown rule(s) {sorted(unknown)}")
-    meta = {"flag": flag, "help": help, "action": action, "metavar": metavar, **rules}
+    meta = {"flag": flag, "help": help, "action": action, "metavar": metavar, "group": group, **rules}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -273,28 +275,38 @@ def _metavar(key: str, meta: Mapping[str, Any], kind: Kind) -> str:
     if meta.get("choices") is not None:
         return "{" + ",".join(map(str, meta["choices"])) + "}"
     word = {int: "N", float: "X", bool: "BOOL"}.get(kind.base, key.rsplit(".", 1)[-1].upper())  # type: ignore
-    return f"{word},..." if kind.seq else word
+    return f"{word},..." if kind.seq and meta.get("action") != "append" else word
 
 
-def add_flags(parser: Any, cls: type, skip: Sequence[str] = (), dest_prefix: str = "") -> None:
-    """Add one flag per option of ``cls`` to ``parser`` (a parser or argument group).
+def add_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = (), dest_prefix: str = "",
+              group: Any = None) -> None:
+    """Add one flag per option of ``cls`` to ``parser``: into ``group`` (an argument group) if
+    given, else into the group an option names (made on first use), else the parser itself.
 
     Flags default to ``argparse.SUPPRESS``: only flags given appear in the namespace, under
     ``dest_prefix + dotted key``. A field without a default is a required flag."""
+    groups: dict[str, Any] = {}
     for key, f, kind in declared(cls):
         meta = f.metadata
         if not meta.get("flag") or key in skip:
             continue
         kw: dict[str, Any] = {"dest": dest_prefix + key, "help": _help(meta, f, kind), "default": argparse.SUPPRESS}
-        if meta.get("action"):
+        if meta.get("action") in ("store_true", "store_false"):
             kw["action"] = meta["action"]
         else:
-            kw["type"] = (_list_parser(kind.base) if kind.seq else
-                          parse_bool if kind.base is bool else kind.base or str)
+            if meta.get("action") == "append":
+                kw["action"], kw["type"] = "append", kind.base or str
+            else:
+                kw["type"] = (_list_parser(kind.base) if kind.seq else
+                              parse_bool if kind.base is bool else kind.base or str)
             kw["metavar"] = _metavar(key, meta, kind)
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 kw["required"] = True
-        parser.add_argument(meta["flag"], **kw)
+        target = group
+        if target is None and meta.get("group"):
+            target = groups.get(meta["group"]) or groups.setdefault(meta["group"],
+                                                                    parser.add_argument_group(meta["group"]))
+        (target or parser).add_argument(meta["flag"], **kw)
 
 
 def given_values(args: argparse.Namespace, cls: type, dest_prefix: str = "") -> dict[str, Any]:
@@ -313,6 +325,8 @@ def to_argv(cls: type, values: Mapping[str, Any]) -> list[str]:
             argv += [meta["flag"]] if v else []
         elif meta.get("action") == "store_false":
             argv += [] if v else [meta["flag"]]
+        elif isinstance(v, (tuple, list)) and meta.get("action") == "append":
+            argv += [tok for item in v for tok in (meta["flag"], str(item))]
         elif isinstance(v, (tuple, list)):
             argv += [meta["flag"], ",".join(map(str, v))]
         else:

@@ -6,12 +6,9 @@ then :meth:`Trainer._train` and :meth:`Trainer._iteration`: that is the whole tr
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +17,6 @@ from typing import Any, Callable, Iterable
 import torch
 from tqdm import tqdm
 
-from . import __version__
 from .build import build_buffer, build_model, build_optimizer, build_sampler, resolve_device, seed_all
 from .checkpoint import Progress, read_checkpoint, restore_training_state, training_state
 from .cli import config_from_args, run_cli
@@ -31,10 +27,11 @@ from .init_dist import make_init_fn
 from .log import get_logger, progress_safe_logging, setup_cli_logging
 from .metrics import MetricsLog, MetricWindow
 from .plots import save_image_grid, save_toy2d_plot
-from .interrupt import StopRequested, clear as clear_stop, request_stop
+from .interrupt import StopRequested, stop_on_signals
 from .resume import check_identity, reconcile, restarts_after_checkpoint
 from .rundir import (checkpoint_candidates, drop_previous, mark_best, prepare_out, remove_stale_temp_files,
                      restore_previous, save_good_checkpoint, set_aside_previous, write_json)
+from .summary import existing_summary, run_summary, write_failure_summary
 from .stability import DivergenceMonitor, InjectDivergence, RecoveryState, recovery_action
 from .step import accuracy, lr_at, set_lr, train_step
 
@@ -101,13 +98,12 @@ class Trainer:
             if p.epoch >= o.epochs:  # a finished run resumed: nothing to do, nothing rewritten
                 log.info(f"the run in {self.out} already finished its {p.epoch} epochs; "
                          f"pass a larger --epochs to train on")
-                return self._existing_summary()
+                return existing_summary(self)
             self.t0 = time.perf_counter()
             self.bar = tqdm(total=self.per_epoch * o.epochs, initial=p.step, disable=not self.cfg.run.progress,
                             unit="it", dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 15.0)
-            old_handlers = self._install_signal_handlers()
             try:
-                with progress_safe_logging():
+                with stop_on_signals(self._on_signal), progress_safe_logging():
                     self._start_outputs()
                     while True:
                         stop = self._train()
@@ -119,16 +115,18 @@ class Trainer:
                 if self.recovery.last_good is None:
                     raise UserError(f"writing to --out {self.out} failed ({where}); nothing of an "
                                     f"earlier run there was changed") from None
-                self._write_failure_summary()
+                write_failure_summary(self)
                 raise UserError(f"writing to --out {self.out} failed ({where}); "
                                 f"last good checkpoint: {self.recovery.last_good}") from None
             finally:
-                self._restore_signal_handlers(old_handlers)
                 self.bar.close()
                 if hasattr(self, "metrics"):
                     self.metrics.close()
         finally:
             self.lock.release()
+
+    def _on_signal(self, signum: int) -> None:
+        self.stop_signal = signum
 
     def _start_outputs(self) -> None:
         """Open metrics.jsonl and write the first checkpoint. ``--overwrite`` sets the old run
@@ -350,63 +348,13 @@ class Trainer:
         self._save_samples(self.buffer.data[rows.to(self.device)], name)
 
     def finish(self, status: str) -> dict[str, Any]:
-        p = self.progress
         finished = status == "finished"
         test_acc = accuracy(self.model, self.data.test, precision=self.cfg.run.precision) if finished else math.nan
-        summary = {
-            "status": status, "valid_acc": self.valid_acc, "best_valid_acc": p.best_valid_acc,
-            "test_acc": test_acc, "epochs": p.epoch, "iterations": p.step,
-            "wall_time_s": time.perf_counter() - self.t0, "device": str(self.device),
-            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-            "torch_version": torch.__version__, "jemfast_version": __version__,
-            "sgld_backend": self.sampler.backend, "restarts": self.recovery.restarts,
-            "out": str(self.out), "stop_signal": self.stop_signal, "config": self.cfg.to_dict(),
-        }
+        summary = run_summary(self, status, test_acc)
         write_json(summary, self.out / "summary.json")
         if finished:
-            self.metrics.write({"event": "finished", "step": p.step, "test_acc": test_acc})
+            self.metrics.write({"event": "finished", "step": self.progress.step, "test_acc": test_acc})
         return summary
-
-    def _existing_summary(self) -> dict[str, Any]:
-        path = self.out / "summary.json"
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {"status": "finished", "out": str(self.out), "epochs": self.progress.epoch,
-                    "iterations": self.progress.step, "restarts": self.recovery.restarts,
-                    "test_acc": math.nan, "valid_acc": math.nan, "wall_time_s": 0.0}
-
-    def _write_failure_summary(self) -> None:
-        """Best effort after an I/O failure (the disk may still be full)."""
-        try:
-            write_json({"status": "failed", "iterations": self.progress.step, "epochs": self.progress.epoch,
-                        "last_good_checkpoint": str(self.recovery.last_good), "out": str(self.out),
-                        "restarts": self.recovery.restarts, "config": self.cfg.to_dict()},
-                       self.out / "summary.json")
-        except OSError:
-            pass
-
-    # ---- signals -----------------------------------------------------------------------
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        """SIGINT/SIGTERM: stop at the next SGLD step, write a checkpoint, exit 128 + signal.
-        A second signal exits at once (the checkpoints on disk are intact: writes are atomic)."""
-        clear_stop()
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-
-        def handler(signum: int, _frame: Any) -> None:
-            if self.stop_signal is not None:
-                os.write(2, f"jemfast: second signal {signum}: exiting without a checkpoint\n".encode())
-                os._exit(128 + signum)
-            self.stop_signal = signum
-            request_stop(signum)
-
-        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def _restore_signal_handlers(self, old: dict[int, Any]) -> None:
-        for s, h in old.items():
-            signal.signal(s, h)
-        clear_stop()
 
 
 def train(cfg: Config, report: Report | None = None, hooks: Iterable[Hook] = ()) -> dict[str, Any]:

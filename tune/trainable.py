@@ -110,11 +110,11 @@ def jem_trainable(config: dict[str, Any], base: dict[str, Any] | None = None,
     """Ray Tune function trainable (wrap with ``tune.with_parameters(jem_trainable, base=, settings=)``).
 
     ``base``: ``Config.to_dict()`` of the experiment; ``config``: this trial's searched values;
-    ``settings``: weights, specs, checkpoint_interval, threads, gpus_per_trial, kill_at_epoch.
+    ``settings``: weights, space, checkpoint_interval, threads, gpus_per_trial, kill_at_epoch.
     """
     assert base is not None and settings is not None
     torch.set_num_threads(max(1, int(settings.get("threads", 1))))
-    cfg = trial_config(base, config, settings["specs"])
+    cfg = trial_config(base, config, settings["space"])
     if cfg.run.device == "auto" and not settings.get("gpus_per_trial"):
         cfg.run.device = "cpu"  # no GPU was reserved for this trial: do not grab one
     trial_dir = _trial_dir(settings)
