@@ -104,7 +104,7 @@ def data_parallel(base: type) -> type:
                 raise UserError(f"--buffer-size {s.buffer_size}: each of the {w} processes keeps "
                                 f"buffer_size // {w} rows, too few")
             self.buffer = ReplayBuffer(s.buffer_size // w, self.data.input_shape, n_classes, s.reinit_freq,
-                                       self.device)
+                                       self.device, init_fn=self.buffer.init_fn)
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.loss_model = DistributedDataParallel(self.model, device_ids=ids)  # broadcasts rank 0's weights
             self.monitor.reduce = self._reduce_flags

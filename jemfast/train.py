@@ -25,6 +25,7 @@ from .config import Config, validate
 from .data import load_data
 from .ddp_trainer import data_parallel
 from .errors import DivergenceExhausted, UserError
+from .init_dist import make_init_fn
 from .log import get_logger, progress_safe_logging, setup_cli_logging
 from .metrics import MetricsLog, MetricWindow
 from .outputs import log_metrics, save_buffer_grid, save_samples
@@ -76,7 +77,8 @@ class Trainer:
                             f"({len(self.data.train)})")
         self.model = self.loss_model = build_model(cfg, shape, n_classes, self.device)  # DDP wraps the latter
         self.optimizer = build_optimizer(cfg, self.model)
-        self.buffer = build_buffer(cfg, shape, n_classes, self.device)
+        self.buffer = build_buffer(cfg, shape, n_classes, self.device,
+                                   make_init_fn(cfg.sampler.init_dist, self.data.train, n_classes))
         self.sampler = build_sampler(cfg)
         self.sampler.chain_fn(self.device)  # an unusable --backend fails here, not mid-run
         self.monitor = DivergenceMonitor(cfg.stability, self.device)
@@ -153,8 +155,7 @@ class Trainer:
         self.window = MetricWindow()
         self.t_window = time.perf_counter()
         while p.epoch < o.epochs:
-            order_seed = p.seed * 100_003 + p.epoch  # a resumed epoch replays the same order
-            for x, y in self._batches(order_seed, p.batch_in_epoch):
+            for x, y in self._batches(self._order_seed(), p.batch_in_epoch):
                 if self._stopping():
                     cause = self.save_checkpoint()
                     return Stop("diverged", cause) if cause else Stop("interrupted")
@@ -171,14 +172,22 @@ class Trainer:
                 return Stop("diverged", cause)
         return Stop("finished")
 
+    def _order_seed(self) -> int:
+        """The seed of this epoch's batch order (a resumed epoch replays the same order)."""
+        return self.progress.seed * 100_003 + self.progress.epoch
+
     def _iteration(self, x: torch.Tensor, y: torch.Tensor):
         cfg, p = self.cfg, self.progress
         for hook in self.hooks:
             hook(self)
         self.lr = lr_at(cfg.optim, p.step, p.epoch, self.recovery.lr_scale)
         set_lr(self.optimizer, self.lr)
+        x_px = None
+        if self.data.labelled is not None:  # semi-supervised: (x, y) feeds p(x) only, labels unused
+            x_px = self.data.prepare_train(x)
+            x, y = self.data.labelled.cycled_batch(cfg.optim.batch_size, self._order_seed(), p.batch_in_epoch)
         out = train_step(cfg, self.model, self.optimizer, self.sampler, self.buffer,
-                         self.data.prepare_train(x), y, self.data.n_classes, loss_model=self.loss_model)
+                         self.data.prepare_train(x), y, self.data.n_classes, x_px=x_px, loss_model=self.loss_model)
         self.monitor.observe(out.metrics, out.x_fake)
         self.window.add(out.metrics)
         p.step += 1
@@ -271,8 +280,7 @@ class Trainer:
             check_identity(saved_cfg, self.cfg, path)
             for line in reconcile(saved_cfg, self.cfg, int(ckpt["step"])):
                 log.warning(line)
-            n_known = len(ckpt["recovery"]["restarts"])
-            return ckpt, path, restarts_after_checkpoint(self.out / "metrics.jsonl", n_known)
+            return ckpt, path, restarts_after_checkpoint(self.out / "metrics.jsonl", len(ckpt["recovery"]["restarts"]))
         raise UserError(f"--resume: no readable checkpoint in {self.out / 'checkpoints'} ({'; '.join(errors)})")
 
     def _reapply_lost_restarts(self, lost: list[dict[str, Any]]) -> None:
@@ -333,8 +341,7 @@ class Trainer:
                 continue
         return None
 
-    # ---- hooks a data-parallel run (jemfast.ddp_trainer) replaces -------------------------
-    def _seed_all(self, seed: int) -> None:
+    def _seed_all(self, seed: int) -> None:  # this and the next two: jemfast.ddp_trainer replaces them
         seed_all(seed)
 
     def _batches(self, order_seed: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
