@@ -67,7 +67,7 @@ def loads(full):
 @pytest.fixture
 def chain_for(device):
     """``chain_for(backend)``: a new chain function of ``backend`` for this benchmark alone."""
-    from jemfast.backends import make_chain
+    from jemfast.sgld import make_chain
 
     return lambda backend: make_chain(backend, device)[0]
 

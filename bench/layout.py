@@ -33,9 +33,8 @@ import torch
 import benchlib
 import kernel_split
 import machine
-from jemfast.backends import make_chain
 from jemfast.log import get_logger, setup_cli_logging
-from jemfast.sampler import sampling_mode
+from jemfast.sgld import ChainSpec, make_chain, sampling_mode
 
 log = get_logger("jemfast.bench.layout")
 CL = torch.channels_last
@@ -43,10 +42,11 @@ CL = torch.channels_last
 
 def _chain_runner(backend: str, model, x: torch.Tensor, steps: int, dtype: torch.dtype | None):
     chain = make_chain(backend, x.device)[0]
+    spec = ChainSpec(steps, benchlib.STEP_SIZE, benchlib.NOISE, False, dtype)
 
     def run() -> torch.Tensor:
         with sampling_mode(model):
-            return chain(model, x, None, steps, benchlib.STEP_SIZE, benchlib.NOISE, False, dtype)
+            return chain(model, x, None, spec)
 
     return chain, run
 

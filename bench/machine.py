@@ -112,7 +112,7 @@ def main() -> int:
             "capability": f"{props.major}.{props.minor}", "nvidia_smi": nvidia_smi(),
             "cpu_count": os.cpu_count()}
     try:
-        from jemfast.backends import resolve_backend
+        from jemfast.sgld import resolve_backend
 
         info["auto_backend"] = list(resolve_backend("auto", "cuda"))
     except Exception as exc:  # noqa: BLE001 - recorded, not fatal

@@ -21,8 +21,7 @@ import pytest
 import torch
 
 import benchlib
-from jemfast.backends import unavailable
-from jemfast.sampler import sampling_mode
+from jemfast.sgld import ChainSpec, sampling_mode, unavailable
 
 BACKENDS = ["reference", "fused", "graph", pytest.param("compile", marks=pytest.mark.compile)]
 PRECISIONS = ["fp32", "bf16"]
@@ -50,13 +49,14 @@ def test_sgld_chain(benchmark, record, chain_for, loads, device, full, load, bac
     model = benchlib.make_model(w, device)
     x = benchlib.to_layout(model, benchlib.make_x(w, device), layout)
     chain = chain_for(backend)
-    dtype = torch.bfloat16 if precision == "bf16" else None
+    spec = ChainSpec(benchlib.N_STEPS, benchlib.STEP_SIZE, benchlib.NOISE, False,
+                     torch.bfloat16 if precision == "bf16" else None)
     benchmark.group = f"sgld-chain-{load}-{precision}-{layout}"
     out = []
 
     def run():
         with sampling_mode(model):
-            out[:] = [chain(model, x, None, benchlib.N_STEPS, benchlib.STEP_SIZE, benchlib.NOISE, False, dtype)]
+            out[:] = [chain(model, x, None, spec)]
         benchlib.sync(device)
 
     with benchlib.tf32():

@@ -31,7 +31,7 @@ from jemfast.buffer import ReplayBuffer
 from jemfast.config import Config
 from jemfast.build import build_optimizer
 from jemfast.step import train_step
-from jemfast.sampler import SGLD
+from jemfast.sgld import SGLD
 
 COMPILE = pytest.mark.compile
 VARIANTS = ["original-strict-fp32", "original-tf32", "jemfast-reference", "jemfast-graph-bf16-cl",

@@ -24,6 +24,6 @@ from .buffer import ReplayBuffer  # noqa: E402
 from .checkpoint import load_checkpoint  # noqa: E402
 from .config import Config  # noqa: E402
 from .energy import JEM  # noqa: E402
-from .sampler import SGLD  # noqa: E402
+from .sgld import SGLD  # noqa: E402
 
 __all__ = ["JEM", "ReplayBuffer", "SGLD", "Config", "load_checkpoint", "__version__"]

@@ -2,7 +2,8 @@
 
 Indices, re-initialisation masks and uniform noise are all drawn on the device from torch's
 generator for that device, so drawing a batch never synchronises with the host. On a CUDA
-device with Triton the gather + re-init is one fused kernel (``jemfast.kernels.buffer``).
+device with Triton the gather + re-init is one fused kernel (``jemfast.kernels.buffer``) whose
+uniform noise comes from its own Philox state (saved in :meth:`ReplayBuffer.state_dict`).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ class ReplayBuffer:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.data = self.random_init(capacity)
         self._use_kernel = _kernel_usable(self.device)
-        self._kernel_rng = None
+        self._kernel_rng: torch.Tensor | None = None  # Philox (seed, offset) of the gather kernel
 
     @property
     def per_class(self) -> int:
@@ -64,10 +65,7 @@ class ReplayBuffer:
         if self._use_kernel:
             from jemfast.kernels.buffer import gather_reinit
 
-            if self._kernel_rng is None:
-                seed = torch.randint(0, 2**31 - 1, (1,), device=self.device)
-                self._kernel_rng = torch.cat([seed, torch.zeros_like(seed)])
-            return gather_reinit(self.data, idx, reinit, self._kernel_rng), idx
+            return gather_reinit(self.data, idx, reinit, self._kernel_rng_state()), idx
         x = self.data[idx]
         fresh = self.random_init(batch_size)
         mask = reinit.view(-1, *([1] * len(self.shape)))
@@ -81,9 +79,37 @@ class ReplayBuffer:
         """Re-initialise every row to U(-1, 1) (a stability recovery action)."""
         self.data = self.random_init(self.capacity)
 
+    def _kernel_rng_state(self) -> torch.Tensor:
+        if self._kernel_rng is None:
+            from jemfast.kernels import new_rng_state
+
+            self._kernel_rng = new_rng_state(None, self.device)
+        elif self._kernel_rng.device != self.device:
+            self._kernel_rng = self._kernel_rng.to(self.device)
+        return self._kernel_rng
+
+    def reseed(self, seed: int) -> None:
+        """Restart the gather kernel's noise at ``(seed, 0)`` (no-op without the kernel: then the
+        noise comes from torch's generator, which the caller seeds)."""
+        if self._use_kernel:
+            from jemfast.kernels import new_rng_state
+
+            self._set_kernel_rng(new_rng_state(seed))
+
+    def _set_kernel_rng(self, state: torch.Tensor) -> None:
+        if self._kernel_rng is None:
+            self._kernel_rng = state.detach().to(self.device).clone()
+        else:
+            self._kernel_rng.copy_(state)  # in place: a captured CUDA graph may hold its address
+
     def state_dict(self) -> dict:
-        return {"data": self.data, "reinit_freq": self.reinit_freq,
-                "n_classes": -1 if self.n_classes is None else self.n_classes}
+        """``data``, ``reinit_freq``, ``n_classes`` (-1: unconditional) and, once the gather kernel
+        has drawn, ``kernel_rng_state`` (int64 ``[2]``; absent from older checkpoints)."""
+        state = {"data": self.data, "reinit_freq": self.reinit_freq,
+                 "n_classes": -1 if self.n_classes is None else self.n_classes}
+        if self._kernel_rng is not None:
+            state["kernel_rng_state"] = self._kernel_rng.clone()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         data = state["data"]
@@ -92,6 +118,8 @@ class ReplayBuffer:
                              f"expected {(self.capacity, *self.shape)}")
         self.data = data.to(self.device, torch.float32).clone()
         self.reinit_freq = float(state["reinit_freq"])
+        if state.get("kernel_rng_state") is not None:
+            self._set_kernel_rng(state["kernel_rng_state"])
 
 
 def _kernel_usable(device: torch.device) -> bool:

@@ -16,7 +16,7 @@ from .config import Config
 from .energy import JEM
 from .errors import UserError
 from .models import build_classifier
-from .sampler import SGLD
+from .sgld import SGLD
 
 
 def resolve_device(name: str) -> torch.device:

@@ -36,7 +36,7 @@ from .build import build_buffer, build_model
 from .config import Config
 from .buffer import ReplayBuffer
 from .errors import UserError
-from .sampler import SGLD
+from .sgld import SGLD
 from .stability import RecoveryState
 
 FORMAT_VERSION = 2

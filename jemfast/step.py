@@ -20,7 +20,7 @@ from .config import Config, OptimConfig
 from .data import Split
 from .energy import energy_from_logits
 from .modes import autocast, eval_mode, precision_dtype
-from .sampler import SGLD
+from .sgld import SGLD
 
 
 def lr_at(o: OptimConfig, step: int, epoch: int, scale: float = 1.0) -> float:

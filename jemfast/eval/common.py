@@ -11,7 +11,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..config import Config
-from ..sampler import SGLD
+from ..sgld import SGLD
 
 
 class Skipped(Exception):
