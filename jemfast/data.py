@@ -9,6 +9,11 @@
 Training batches go through :meth:`DataBundle.prepare_train`: augmentation (reflect-pad 4 +
 random 32x32 crop, horizontal flip except SVHN), batched on the device, then the paper's
 N(0, noise_std) noise (noise_std 0.03 in units of the [-1, 1] pixel scale).
+
+Semi-supervised runs (``--labels-per-class N``) keep a labelled subset of the training split
+(:attr:`DataBundle.labelled`: N images per class, a fixed stratified choice that depends on no
+run seed); its batches come from :meth:`Split.cycled_batch`, while the whole training split,
+labels unused, feeds the p(x) term and sets the epoch length.
 """
 from __future__ import annotations
 
@@ -57,6 +62,18 @@ class Split:
             idx = order[b * batch_size:(b + 1) * batch_size]
             yield self.x[idx], self.y[idx]
 
+    def cycled_batch(self, batch_size: int, order_seed: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``b`` (0-based) of an endless stream of reshuffles of this split: shuffle k of
+        the stream is the permutation of seed ``(order_seed, k)``, so a batch depends only on
+        ``order_seed`` and ``b`` (a resumed epoch replays it). ``batch_size`` may exceed ``len(self)``."""
+        n = len(self)
+        start, stop = b * batch_size, (b + 1) * batch_size
+        first = start // n
+        perms = [torch.randperm(n, generator=torch.Generator().manual_seed((order_seed * 1_000_003 + k) % 2**63))
+                 for k in range(first, (stop - 1) // n + 1)]
+        idx = torch.cat(perms)[start - first * n:stop - first * n].to(self.x.device)
+        return self.x[idx], self.y[idx]
+
 
 @dataclass
 class DataBundle:
@@ -69,6 +86,8 @@ class DataBundle:
     augment_flip: bool = False
     augment_crop: bool = False
     noise_std: float = 0.0
+    labelled: Split | None = None  # semi-supervised: the labelled subset of ``train`` (None: all)
+    labelled_idx: torch.Tensor | None = None  # its rows in ``train``, Tensor[n_classes * N] int64
 
     def prepare_train(self, x: torch.Tensor) -> torch.Tensor:
         """A training batch ``x: Tensor[B, *shape]`` augmented and with N(0, noise_std) added."""
@@ -85,6 +104,21 @@ class DataBundle:
             flip = torch.rand(x.shape[0], device=x.device) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
         return x
+
+
+def labelled_rows(y: torch.Tensor, per_class: int, n_classes: int, seed: int = 0) -> torch.Tensor:
+    """Sorted ``Tensor[n_classes * per_class] int64`` of rows of ``y``: ``per_class`` of each
+    class, drawn at random with a generator seeded by ``seed``. Raises UserError when a class
+    has fewer images."""
+    gen = torch.Generator().manual_seed(seed)
+    y = y.cpu()
+    chosen = []
+    for c in range(n_classes):
+        rows = (y == c).nonzero().squeeze(1)
+        if len(rows) < per_class:
+            raise UserError(f"--labels-per-class {per_class}: class {c} has only {len(rows)} training images")
+        chosen.append(rows[torch.randperm(len(rows), generator=gen)[:per_class]])
+    return torch.cat(chosen).sort().values
 
 
 def random_crop(x: torch.Tensor, pad: int) -> torch.Tensor:
@@ -175,4 +209,8 @@ def load_data(cfg: DataConfig, device: torch.device) -> DataBundle:
     else:
         bundle = load_torchvision_bundle(cfg, device)
     bundle.noise_std = cfg.noise_std
+    if cfg.labels_per_class > 0:
+        rows = labelled_rows(bundle.train.y, cfg.labels_per_class, bundle.n_classes).to(device)
+        bundle.labelled_idx = rows
+        bundle.labelled = Split(bundle.train.x[rows], bundle.train.y[rows])
     return bundle

@@ -23,6 +23,7 @@ from .cli import config_from_args, run_cli
 from .config import Config, validate
 from .data import load_data
 from .errors import DivergenceExhausted, UserError
+from .init_dist import make_init_fn
 from .log import get_logger, progress_safe_logging, setup_cli_logging
 from .metrics import MetricsLog, MetricWindow
 from .plots import save_image_grid, save_toy2d_plot
@@ -74,7 +75,8 @@ class Trainer:
                             f"({len(self.data.train)})")
         self.model = build_model(cfg, shape, n_classes, self.device)
         self.optimizer = build_optimizer(cfg, self.model)
-        self.buffer = build_buffer(cfg, shape, n_classes, self.device)
+        self.buffer = build_buffer(cfg, shape, n_classes, self.device,
+                                   make_init_fn(cfg.sampler.init_dist, self.data.train, n_classes))
         self.sampler = build_sampler(cfg)
         self.sampler.chain_fn(self.device)  # an unusable --backend fails here, not mid-run
         self.monitor = DivergenceMonitor(cfg.stability, self.device)
@@ -151,8 +153,7 @@ class Trainer:
         self.window = MetricWindow()
         self.t_window = time.perf_counter()
         while p.epoch < o.epochs:
-            order_seed = p.seed * 100_003 + p.epoch  # a resumed epoch replays the same order
-            for x, y in self.data.train.batches(o.batch_size, order_seed, p.batch_in_epoch, drop_last=True):
+            for x, y in self.data.train.batches(o.batch_size, self._order_seed(), p.batch_in_epoch, drop_last=True):
                 if self.stop_signal is not None:
                     cause = self.save_checkpoint()
                     return Stop("diverged", cause) if cause else Stop("interrupted")
@@ -169,14 +170,22 @@ class Trainer:
                 return Stop("diverged", cause)
         return Stop("finished")
 
+    def _order_seed(self) -> int:
+        """The seed of this epoch's batch order (a resumed epoch replays the same order)."""
+        return self.progress.seed * 100_003 + self.progress.epoch
+
     def _iteration(self, x: torch.Tensor, y: torch.Tensor):
         cfg, p = self.cfg, self.progress
         for hook in self.hooks:
             hook(self)
         self.lr = lr_at(cfg.optim, p.step, p.epoch, self.recovery.lr_scale)
         set_lr(self.optimizer, self.lr)
+        x_px = None
+        if self.data.labelled is not None:  # semi-supervised: (x, y) feeds p(x) only, labels unused
+            x_px = self.data.prepare_train(x)
+            x, y = self.data.labelled.cycled_batch(cfg.optim.batch_size, self._order_seed(), p.batch_in_epoch)
         out = train_step(cfg, self.model, self.optimizer, self.sampler, self.buffer,
-                         self.data.prepare_train(x), y, self.data.n_classes)
+                         self.data.prepare_train(x), y, self.data.n_classes, x_px=x_px)
         self.monitor.observe(out.metrics, out.x_fake)
         self.window.add(out.metrics)
         p.step += 1

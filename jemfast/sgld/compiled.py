@@ -65,7 +65,9 @@ class CompiledChain:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.mode = "reduce-overhead" if self.cuda else None
-        self.step = torch.compile(sgld_step, fullgraph=True, mode=self.mode)
+        # dynamic=False: each input shape gets its own static graph (a chain sees one or a few);
+        # dynamo's automatic dynamic shapes after a second shape would give up static CUDA graphs
+        self.step = torch.compile(sgld_step, fullgraph=True, mode=self.mode, dynamic=False)
         self.compile_s: dict[tuple, float] = {}  # first-call seconds per (shape, y given, dtype)
         self._consts: dict[tuple, torch.Tensor] = {}
 
