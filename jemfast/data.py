@@ -170,27 +170,52 @@ def load_toy2d_bundle(device: torch.device) -> DataBundle:
     return DataBundle("toy2d", (2,), TOY_MODES, *splits)
 
 
-def _torchvision_arrays(name: str, data_dir: str, train: bool) -> tuple[np.ndarray, np.ndarray]:
+def uint8_to_unit_range(a: np.ndarray) -> np.ndarray:
+    """uint8 pixels 0..255 -> float32 in [-1, 1]."""
+    return a.astype(np.float32) / 255.0 * 2.0 - 1.0
+
+
+class DatasetUnavailable(UserError):
+    """A torchvision dataset is neither in ``data_dir`` nor downloadable; ``reason`` says why."""
+
+    def __init__(self, name: str, data_dir: str, reason: str) -> None:
+        super().__init__(f"could not load {name} into --data-dir {data_dir} ({reason}); "
+                         f"download it there by hand or try --dataset digits")
+        self.reason = reason
+
+
+def _torchvision_dataset(name: str, data_dir: str, train: bool):
+    """The torchvision dataset object, read from ``data_dir``; downloaded only when it is not
+    there (or fails torchvision's checksum)."""
     import torchvision
 
-    try:
-        if name == "svhn":
-            ds = torchvision.datasets.SVHN(data_dir, split="train" if train else "test", download=True)
-            return ds.data, np.asarray(ds.labels)  # data: [N, 3, 32, 32] uint8
+    if name == "svhn":
+        cls, kwargs = torchvision.datasets.SVHN, {"split": "train" if train else "test"}
+    else:
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-        ds = cls(data_dir, train=train, download=True)
-        return ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets)  # HWC -> CHW
+        kwargs = {"train": train}
+    try:
+        return cls(data_dir, download=False, **kwargs)
+    except RuntimeError:  # "Dataset not found or corrupted"
+        return cls(data_dir, download=True, **kwargs)
+
+
+def torchvision_arrays(name: str, data_dir: str, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(x: [N, 3, 32, 32] uint8, y: [N] int64)`` of a torchvision split (SVHN's label 10 is
+    already 0 there). Raises :class:`DatasetUnavailable`."""
+    try:
+        ds = _torchvision_dataset(name, data_dir, train)
     except Exception as exc:  # network errors, corrupt archives, read-only dirs
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"could not load {name} into --data-dir {data_dir} ({reason}); "
-                        f"download it there by hand or try --dataset digits") from None
+        raise DatasetUnavailable(name, data_dir, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    if name == "svhn":
+        return ds.data, np.asarray(ds.labels, dtype=np.int64)  # data: [N, 3, 32, 32]
+    return ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets, dtype=np.int64)  # HWC -> CHW
 
 
 def load_torchvision_bundle(cfg: DataConfig, device: torch.device) -> DataBundle:
-    x_tr, y_tr = _torchvision_arrays(cfg.dataset, cfg.data_dir, train=True)
-    x_te, y_te = _torchvision_arrays(cfg.dataset, cfg.data_dir, train=False)
-    to_float = lambda a: a.astype(np.float32) / 255.0 * 2.0 - 1.0  # noqa: E731
-    x_tr, x_te = to_float(x_tr), to_float(x_te)
+    x_tr, y_tr = torchvision_arrays(cfg.dataset, cfg.data_dir, train=True)
+    x_te, y_te = torchvision_arrays(cfg.dataset, cfg.data_dir, train=False)
+    x_tr, x_te = uint8_to_unit_range(x_tr), uint8_to_unit_range(x_te)
     perm = np.random.default_rng(0).permutation(len(y_tr))
     n_valid = min(cfg.n_valid, len(y_tr) - 1)
     train_idx, valid_idx = perm[:len(perm) - n_valid], perm[len(perm) - n_valid:]
