@@ -126,8 +126,12 @@ def _layout(cfg: Config, x: torch.Tensor | None) -> torch.Tensor | None:
 
 def train_step(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, sampler: SGLD,
                buffer: ReplayBuffer, x: torch.Tensor, y: torch.Tensor, n_classes: int,
-               x_px: torch.Tensor | None = None) -> StepOutput:
+               x_px: torch.Tensor | None = None, loss_model: nn.Module | None = None) -> StepOutput:
     """One JEM iteration on a labelled batch ``x: Tensor[B, *shape]``, ``y: Tensor[B]``.
+
+    ``loss_model`` (default ``model``) runs the loss forward: under torchrun the
+    DistributedDataParallel wrapper, whose backward all-reduces the gradients; SGLD always uses
+    the bare ``model``, so its input-gradient passes communicate nothing.
 
     ``x_px: Tensor[B', *shape]`` is a separate real batch for the p(x) term (semi-supervised
     runs); None uses ``x``. With ``run.channels_last`` 4-D batches are laid out channels-last
@@ -145,11 +149,12 @@ def train_step(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, 
         x_fake = _layout(cfg, fake_batch(cfg, model, sampler, buffer, n, y_fake))
     if pxy_weight > 0:
         x_fake_y = _layout(cfg, fake_batch(cfg, model, sampler, buffer, b, y))
-    model.train()
+    net = model if loss_model is None else loss_model
+    net.train()
     terms = compiled_loss_terms() if cfg.run.compile else loss_terms
     extra = {} if x_px is None and x_fake_y is None else {
         "x_px": x_px, "x_fake_y": x_fake_y, "p_x_given_y_weight": pxy_weight}
-    metrics = terms(model, x, x_fake, y, w.p_y_given_x_weight, px_weight, cfg.run.precision, **extra)
+    metrics = terms(net, x, x_fake, y, w.p_y_given_x_weight, px_weight, cfg.run.precision, **extra)
     optimizer.zero_grad(set_to_none=True)
     metrics["loss"].backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
