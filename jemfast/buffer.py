@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from .config import check_value
+
 
 class ReplayBuffer:
     """``capacity`` stored samples of ``shape``, initialised to U(-1, 1) or by ``init_fn``.
@@ -28,12 +30,11 @@ class ReplayBuffer:
     def __init__(self, capacity: int, shape: tuple[int, ...], n_classes: int | None = None,
                  reinit_freq: float = 0.05, device: torch.device | str | None = None,
                  init_fn: Callable[[int, torch.Tensor | None], torch.Tensor] | None = None) -> None:
-        if capacity < 1:
-            raise ValueError(f"buffer_size: must be >= 1, got {capacity}")
-        if not 0.0 <= reinit_freq <= 1.0:
-            raise ValueError(f"reinit_freq: must be in [0, 1], got {reinit_freq}")
+        # the bounds of the config fields these arguments mirror (ValueError naming the argument)
+        capacity = check_value("sampler.buffer_size", capacity, "capacity")
+        reinit_freq = check_value("sampler.reinit_freq", reinit_freq, "reinit_freq")
         if n_classes is not None and capacity < n_classes:
-            raise ValueError(f"buffer_size: {capacity} rows cannot hold {n_classes} classes")
+            raise ValueError(f"capacity: {capacity} rows cannot hold {n_classes} classes")
         self.capacity = capacity
         self.shape = tuple(shape)
         self.n_classes = n_classes

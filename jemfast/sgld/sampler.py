@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..buffer import ReplayBuffer
+from ..config import check_value
 from ..modes import module_mode, precision_dtype
 from .backends import ChainFn, make_chain
 from .reference import reference_chain
@@ -36,15 +37,10 @@ class SGLD:
 
     def __init__(self, n_steps: int = 20, step_size: float = 1.0, noise_std: float = 0.01,
                  backend: str = "reference", clamp: bool = False, precision: str = "fp32") -> None:
-        if n_steps < 1:
-            raise ValueError(f"sgld_steps: must be >= 1, got {n_steps}")
-        if not (step_size > 0 and step_size < float("inf")):
-            raise ValueError(f"sgld_step_size: must be a finite number > 0, got {step_size}")
-        if not (noise_std >= 0 and noise_std < float("inf")):
-            raise ValueError(f"sgld_noise: must be a finite number >= 0, got {noise_std}")
-        self.n_steps = n_steps
-        self.step_size = step_size
-        self.noise_std = noise_std
+        # the bounds of the config fields these arguments mirror (ValueError naming the argument)
+        self.n_steps = check_value("sampler.n_steps", n_steps, "n_steps")
+        self.step_size = check_value("sampler.step_size", step_size, "step_size")
+        self.noise_std = check_value("sampler.noise_std", noise_std, "noise_std")
         self.backend = backend
         self.clamp = clamp
         self.precision = precision
