@@ -192,7 +192,7 @@ def restore_training_state(ckpt: dict[str, Any], model: nn.Module, optimizer: to
     the live objects, all or nothing: raises UserError naming ``source`` before changing anything
     if it does not fit them. ``recovery=None`` keeps the live recovery state (a rollback: the
     effects of restarts persist); ``restore_rng=False`` keeps the RNG streams."""
-    fits_run(ckpt, model, optimizer, buffer, source)
+    fits_run(ckpt, model, buffer, source, optimizer)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     buffer.load_state_dict(ckpt["buffer"])
@@ -206,38 +206,36 @@ def restore_training_state(ckpt: dict[str, Any], model: nn.Module, optimizer: to
         set_rng_state(ckpt["rng"])
 
 
-def fits_run(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, buffer: ReplayBuffer,
-             source: str | Path) -> None:
+def fits_run(ckpt: dict[str, Any], model: nn.Module, buffer: ReplayBuffer, source: str | Path,
+             optimizer: torch.optim.Optimizer | None = None, buffer_rows: int | None = None) -> None:
     """Raise UserError unless ``ckpt`` (as :func:`read_checkpoint` returns it) loads as a whole
-    into this model, optimizer and buffer."""
+    into this model, optimizer (when given) and buffer; ``buffer_rows`` replaces the buffer's
+    capacity (a data-parallel rank keeps a shard of the checkpoint's rows)."""
     try:
-        _check_fits(ckpt, model, optimizer, buffer)
+        _check_fits(ckpt, model, buffer, optimizer, buffer.capacity if buffer_rows is None else buffer_rows)
     except Corrupt as exc:
         raise UserError(f"checkpoint {source} does not fit this run ({exc})") from None
 
 
-def _check_fits(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, buffer: ReplayBuffer) -> None:
+def _check_fits(ckpt: dict[str, Any], model: nn.Module, buffer: ReplayBuffer,
+                optimizer: torch.optim.Optimizer | None, rows: int) -> None:
     live = model.state_dict()
     if set(live) != set(ckpt["model"]):
         raise Corrupt("its model has other tensors than this run's model")
     for k, v in live.items():
         if tuple(v.shape) != tuple(ckpt["model"][k].shape):
             raise Corrupt(f"model tensor {k} has shape {list(ckpt['model'][k].shape)}, this run's {list(v.shape)}")
-    name = ckpt["config"]["optim"]["optimizer"]
-    live_name = "sgd" if isinstance(optimizer, torch.optim.SGD) else "adam"
-    if name != live_name:
-        raise Corrupt(f"its optimizer state is {name}'s, this run uses {live_name}")
-    live_params = [p for g in optimizer.param_groups for p in g["params"]]
-    saved_groups = ckpt["optimizer"]["param_groups"]
-    if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in optimizer.param_groups]:
-        raise Corrupt("its optimizer groups the parameters differently from this run's")
+    params = list(model.parameters())
     for pid, entry in ckpt["optimizer"]["state"].items():
         for key, v in entry.items():
-            if key != "step" and v is not None and tuple(v.shape) != tuple(live_params[pid].shape):
+            if key != "step" and v is not None and (pid >= len(params) or tuple(v.shape) != tuple(params[pid].shape)):
                 raise Corrupt(f"optimizer state {pid} {key} does not match this run's parameter")
+    name = ckpt["config"]["optim"]["optimizer"]
+    if optimizer is not None and name != ("sgd" if isinstance(optimizer, torch.optim.SGD) else "adam"):
+        raise Corrupt(f"its optimizer state is {name}'s, this run's optimizer is {type(optimizer).__name__}")
     data = ckpt["buffer"]["data"]
-    if tuple(data.shape) != (buffer.capacity, *buffer.shape):
-        raise Corrupt(f"buffer data has shape {list(data.shape)}, this run's buffer {[buffer.capacity, *buffer.shape]}")
+    if tuple(data.shape) != (rows, *buffer.shape):
+        raise Corrupt(f"buffer data has shape {list(data.shape)}, this run's buffer {[rows, *buffer.shape]}")
     if ckpt["buffer"]["n_classes"] != (-1 if buffer.n_classes is None else buffer.n_classes):
         raise Corrupt("its buffer is split by class differently from this run's")
 

@@ -157,12 +157,15 @@ def parse_checkpoint(raw: dict[str, Any], file_bytes: int, max_format: int) -> d
     n_steps = _int(_dict(raw["sampler"], "sampler", ("n_steps",))["n_steps"], "sampler n_steps", 1, MAX_SGLD_STEPS)
     recovery = _recovery(raw, version, n_steps, cfg.sampler.n_steps)
     progress = _progress(raw)
-    return {
+    clean = {
         "format_version": max_format, "jemfast_version": _version(raw.get("jemfast_version", "unknown")),
         "config": cfg.to_dict(), "input_shape": list(shape), "n_classes": n_classes, "model": model,
         "optimizer": optimizer, "buffer": buffer, "sampler": {"n_steps": n_steps}, "recovery": recovery,
         "rng": _rng(raw["rng"], tensors), **progress,
     }
+    if raw.get("world") is not None:
+        clean["world"] = _world(raw["world"], tensors)
+    return clean
 
 
 def _version(x: Any) -> str:
@@ -305,8 +308,11 @@ def _buffer(x: Any, cfg: Config, shape: tuple[int, ...], n_classes: int, tensors
         raise Corrupt(f"buffer n_classes is {d['n_classes']}, expected {expected}")
     if cfg.sampler.class_cond and capacity < n_classes:
         raise Corrupt(f"buffer of {capacity} rows cannot hold {n_classes} classes")
-    return {"data": data, "reinit_freq": _num(d["reinit_freq"], "buffer reinit_freq", 0.0, 1.0),
-            "n_classes": expected}
+    clean = {"data": data, "reinit_freq": _num(d["reinit_freq"], "buffer reinit_freq", 0.0, 1.0),
+             "n_classes": expected}
+    if d.get("kernel_rng_state") is not None:  # Philox (seed, offset) of the gather kernel
+        clean["kernel_rng_state"] = tensors(d["kernel_rng_state"], "buffer kernel_rng_state", (2,), torch.int64)
+    return clean
 
 
 # ---- recovery, progress, RNG -----------------------------------------------------------------
@@ -351,6 +357,17 @@ def _rng(x: Any, tensors: _Tensors) -> dict:
     if any(s.dim() != 1 or s.numel() > 1024 for s in cuda):
         raise Corrupt("rng cuda state is not a short byte vector")
     return {"torch": state, "cuda": cuda, "numpy": _numpy_rng(d["numpy"], tensors), "python": _python_rng(d["python"])}
+
+
+def _world(x: Any, tensors: _Tensors) -> dict:
+    """A data-parallel run's ``world``: its size, each rank's RNG states and parameter checksum."""
+    d = _dict(x, "world", ("size", "rng", "param_checksums"))
+    size = _int(d["size"], "world size", 1, 65536)
+    rngs = [_rng(r, tensors) for r in _seq(d["rng"], "world rng", size)]
+    sums = [_num(c, "world param_checksum", nan_ok=True) for c in _seq(d["param_checksums"], "world param_checksums", size)]
+    if len(rngs) != size or len(sums) != size:
+        raise Corrupt(f"world of {size} processes lists {len(rngs)} RNG states and {len(sums)} checksums")
+    return {"size": size, "rng": rngs, "param_checksums": sums}
 
 
 def _numpy_rng(x: Any, tensors: _Tensors) -> dict:

@@ -294,3 +294,15 @@ def test_format_1_checkpoint_still_reads(trained, tmp_path):
     read = read_checkpoint(path)
     assert read["format_version"] == 2 and read["recovery"]["lr_scale"] == 0.5
     assert read["recovery"]["sgld_steps_factor"] == 1 and read["step"] == 19
+
+
+def test_data_parallel_world_entry_is_checked_and_kept(trained, tmp_path):
+    c = raw(trained / "checkpoints" / "good-000000019.pt")
+    c["world"] = {"size": 2, "rng": [copy.deepcopy(c["rng"]) for _ in range(2)], "param_checksums": [1.5, 1.5]}
+    path = tmp_path / "world.pt"
+    torch.save(c, path)
+    world = read_checkpoint(path)["world"]
+    assert world["size"] == 2 and torch.equal(world["rng"][1]["torch"], c["rng"]["torch"])
+    c["world"]["rng"] = [c["rng"]]
+    torch.save(c, path)
+    assert "world of 2 processes lists 1 RNG states" in one_line_error(path, "is corrupt (")
