@@ -209,8 +209,9 @@ def wait_for(pred, timeout=300.0) -> bool:
 @pytest.mark.slow
 def test_sigterm_stops_inside_a_long_sgld_chain_and_second_signal_is_quiet(tmp_path):
     out = tmp_path / "run"
-    # 10**6 SGLD steps: one iteration would take hours, so exiting at all means stopping mid-chain
-    proc = start(out, "--epochs", "1", "--sgld-steps", "1000000")
+    # 10**5 SGLD steps (the largest allowed): one iteration takes minutes, so the checkpoint at
+    # iteration 0 below shows the run stopped inside the first chain
+    proc = start(out, "--epochs", "1", "--sgld-steps", "100000")
     assert wait_for(lambda: (out / "checkpoints" / "last.pt").exists())
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
@@ -219,7 +220,7 @@ def test_sigterm_stops_inside_a_long_sgld_chain_and_second_signal_is_quiet(tmp_p
     assert read_checkpoint(out / "checkpoints" / "last.pt")["step"] == 0
 
     log = tmp_path / "stderr.txt"
-    proc = start(out, "--epochs", "1", "--sgld-steps", "1000000", "--resume", log=log)
+    proc = start(out, "--epochs", "1", "--sgld-steps", "100000", "--resume", log=log)
     assert wait_for(lambda: "resuming from" in log.read_text())
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
