@@ -19,7 +19,9 @@
 # limit always leaves the logs, and exits non-zero if any step failed or ran out of time.
 # Runs with python3 (PYTHON=... to change). Installs jemfast with
 # `pip install --no-deps --no-build-isolation -e .` if it is not importable from outside the
-# repository (no package index is needed).
+# repository as this checkout (no package index is needed); JEMFAST_NO_INSTALL=1 uses
+# PYTHONPATH instead. JEMFAST_ALLOW_CPU=1 (a testing aid for tests/test_gpu_stages.py) runs a
+# stage without CUDA, its files named cpu_DATE_STAGE.
 set -uo pipefail
 
 STAGES="check bench layout compile bench-compile bench-compile-iter suite"
@@ -35,7 +37,7 @@ case " $STAGES " in *" $STAGE "*) ;; *) echo "bench/gpu.sh: unknown stage '$STAG
 mkdir -p "$2" || { echo "bench/gpu.sh: cannot create OUTDIR '$2'" >&2; exit 2; }
 OUT=$(cd "$2" && pwd)
 cd "$(dirname "$0")/.." || exit 2
-REPO=$(pwd)
+REPO=$(pwd -P)
 PY="${PYTHON:-python3}"
 LIMIT="${JEMFAST_STAGE_LIMIT_S:-450}"
 DEADLINE=$((SECONDS + LIMIT))
@@ -49,6 +51,7 @@ if torch.cuda.is_available():
 PYEOF
 )
 DATE=$(date -u +%Y%m%dT%H%MZ)
+[ -z "$GPU" ] && [ "${JEMFAST_ALLOW_CPU:-0}" = 1 ] && GPU=cpu
 if [ -z "$GPU" ]; then
     msg="bench/gpu.sh $STAGE: no CUDA device visible to $PY (torch.cuda.is_available() is False, or torch does not import); nothing run"
     echo "$msg" >"$OUT/nocuda_${DATE}_${STAGE}.log"
@@ -83,13 +86,15 @@ step() {
 # jemfast importable from outside the repository, as this checkout? Else an editable install.
 ensure_installed() {
     local where
-    where=$(cd / && "$PY" -c 'import jemfast, jemfast.kernels, jemfast.tune, os; print(os.path.dirname(os.path.dirname(jemfast.__file__)))' 2>/dev/null)
+    where=$(cd / && "$PY" -c 'import jemfast, jemfast.kernels, jemfast.tune, os; print(os.path.dirname(os.path.dirname(os.path.realpath(jemfast.__file__))))' 2>/dev/null)
     if [ "$where" = "$REPO" ]; then
         say "== install: jemfast from $REPO already importable"
         return
     fi
-    step install "$PY" -m pip install --no-deps --no-build-isolation -e .
-    where=$(cd / && "$PY" -c 'import jemfast, jemfast.kernels, jemfast.tune, os; print(os.path.dirname(os.path.dirname(jemfast.__file__)))' 2>&1)
+    if [ "${JEMFAST_NO_INSTALL:-0}" != 1 ]; then
+        step install "$PY" -m pip install --no-deps --no-build-isolation -e .
+    fi
+    where=$(cd / && "$PY" -c 'import jemfast, jemfast.kernels, jemfast.tune, os; print(os.path.dirname(os.path.dirname(os.path.realpath(jemfast.__file__))))' 2>&1 | tail -1)
     if [ "$where" != "$REPO" ]; then
         say "== install: jemfast from outside the repository is '$where', not $REPO; using PYTHONPATH=$REPO"
         export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"

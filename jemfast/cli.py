@@ -8,6 +8,7 @@ and exit code 2 (:func:`run_cli`).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -37,15 +38,20 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
 
 
 def run_cli(fn: Callable[[], int], prog: str) -> int:
-    """Run ``fn``; user errors print one line and return their exit code."""
+    """Run ``fn``; user errors print one line and return their exit code. Under torchrun only
+    rank 0 prints (jemfast.distributed makes it report the other ranks' errors)."""
+    def say(message: str) -> None:
+        if os.environ.get("RANK", "0") in ("", "0"):
+            sys.stderr.write(f"{prog}: {message}\n")
+
     try:
         return fn()
     except ValueError as exc:
-        sys.stderr.write(f"{prog}: error: {one_line(str(exc), 1000)}\n")
+        say(f"error: {one_line(str(exc), 1000)}")
         return 2
     except (UserError, DivergenceExhausted) as exc:
-        sys.stderr.write(f"{prog}: error: {one_line(str(exc), 1000)}\n")
+        say(f"error: {one_line(str(exc), 1000)}")
         return exc.exit_code
     except KeyboardInterrupt:  # Ctrl-C outside a training loop's own handler: no traceback
-        sys.stderr.write(f"{prog}: interrupted\n")
+        say("interrupted")
         return 130

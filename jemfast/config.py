@@ -26,6 +26,8 @@ OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "reference", "fused", "graph", "compile")
 PRECISIONS = ("fp32", "bf16")
+SGLD_INITS = ("buffer", "noise")
+INIT_DISTS = ("uniform", "informative")
 
 
 SEED_MAX = 2**32 - 1  # numpy's legacy seeding takes seeds below 2**32
@@ -52,6 +54,10 @@ class DataConfig:
     n_valid: int = option(5000, "--n-valid", "images held out of the torchvision train split for validation",
                           lo=0, hi=10_000_000)
     num_workers: int = option(2, "--num-workers", "data loader worker processes", lo=0, hi=256)
+    labels_per_class: int = option(0, "--labels-per-class",
+                                   "semi-supervised: only this many training images per class keep their label "
+                                   "(fixed stratified choice); every training image feeds p(x) as a separate "
+                                   "batch (0: all labelled, one batch)", lo=0, hi=10_000_000)
 
 
 @dataclass
@@ -89,6 +95,12 @@ class SamplerConfig:
     reinit_freq: float = option(0.05, "--reinit-freq", "probability a drawn chain restarts from U(-1,1)",
                                 lo=0.0, hi=1.0)
     class_cond: bool = option(False, "--class-cond", "class-conditional buffer and SGLD")
+    sgld_init: str = option("buffer", "--sgld-init",
+                            "where chains start: buffer (PCD) or noise (short-run chains from the --init "
+                            "distribution every iteration; the buffer is unused)", choices=SGLD_INITS)
+    init_dist: str = option("uniform", "--init",
+                            "distribution of fresh chains: uniform U(-1,1) or informative (JEM++: per-class "
+                            "Gaussian fitted to the training split)", choices=INIT_DISTS)
     backend: str = option("reference", "--backend", "SGLD backend", choices=BACKENDS)
 
 
@@ -97,6 +109,11 @@ class LossConfig:
     p_x_weight: float = option(1.0, "--p-x-weight", "weight of the generative term E(real) - E(fake)",
                                lo=0.0, hi=1e6)
     p_y_given_x_weight: float = option(1.0, "--p-y-given-x-weight", "weight of cross-entropy", lo=0.0, hi=1e6)
+    p_x_given_y_weight: float = option(0.0, "--p-x-given-y-weight",
+                                       "weight of the class-conditional term E(real, y) - E(fake_y, y) "
+                                       "(fake_y sampled given y)", lo=0.0, hi=1e6)
+    clf_only: bool = option(False, "--clf-only", "cross-entropy only: no SGLD, buffer unused "
+                            "(p(x) and p(x|y) weights treated as 0)", action="store_true")
 
 
 @dataclass
@@ -275,4 +292,8 @@ def validate(cfg: Config) -> Config:
     check_fields(cfg)
     if cfg.sampler.class_cond and cfg.sampler.buffer_size < 2:
         raise ValueError("--buffer-size (sampler.buffer_size): class-conditional sampling needs room for every class")
+    if (cfg.loss.p_x_given_y_weight > 0 and not cfg.loss.clf_only and cfg.sampler.sgld_init == "buffer"
+            and not cfg.sampler.class_cond):
+        raise ValueError("--p-x-given-y-weight (loss.p_x_given_y_weight) > 0 samples given y from the buffer: "
+                         "add --class-cond (or use --sgld-init noise)")
     return cfg

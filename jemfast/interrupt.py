@@ -59,10 +59,14 @@ def quiet_startup_signals() -> None:
 
 
 @contextlib.contextmanager
-def stop_on_signals(on_first: Callable[[int], None]) -> Iterator[None]:
+def stop_on_signals(on_first: Callable[[int], None], collective: bool = False) -> Iterator[None]:
     """While inside: the first SIGINT/SIGTERM calls ``on_first(signum)`` and :func:`request_stop`
     (long loops then stop at their next unit of work); a second one exits at once with
-    128 + signal and one line (files on disk are intact: every write is atomic)."""
+    128 + signal and one line (files on disk are intact: every write is atomic).
+
+    ``collective`` (under torchrun): only ``on_first``; the ranks agree on when to stop at
+    their next collective check, and a repeated signal is ignored (torchrun forwards the
+    signal it got to every rank, which may have had it already)."""
     clear()
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -70,11 +74,14 @@ def stop_on_signals(on_first: Callable[[int], None]) -> Iterator[None]:
     seen: list[int] = []
 
     def handler(signum: int, _frame: object) -> None:
+        if seen and collective:
+            return
         if seen:
             os.write(2, f"jemfast: second signal {signum}: exiting without a checkpoint\n".encode())
             os._exit(128 + signum)
         seen.append(signum)
-        request_stop(signum)
+        if not collective:
+            request_stop(signum)
         on_first(signum)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}

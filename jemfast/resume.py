@@ -30,6 +30,7 @@ KEEP = {
     "optim.batch_size": "the position inside the epoch is counted in batches",
     "optim.optimizer": "the saved optimizer state belongs to it",
     "data.n_valid": "it would move images between the training and validation sets",
+    "data.labels_per_class": "it would change which images are labelled",
 }
 SILENT = {"run.resume", "run.overwrite", "run.out", "run.progress"}
 

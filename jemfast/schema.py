@@ -88,10 +88,14 @@ def _kind(tp: Any) -> Kind:
 
 
 @lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+@lru_cache(maxsize=None)
 def kinds(cls: type) -> dict[str, Kind]:
     """``{field name: Kind}`` of a dataclass (annotations resolved once)."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: _kind(hints[f.name]) for f in dataclasses.fields(cls)}
+    return {f.name: _kind(_hints(cls)[f.name]) for f in dataclasses.fields(cls)}
 
 
 def declared(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Kind]]:
@@ -105,8 +109,8 @@ def declared(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Fie
 
 
 def _nested(cls: type, f: dataclasses.Field) -> type | None:
-    tp = typing.get_type_hints(cls)[f.name]
-    return tp if dataclasses.is_dataclass(tp) else None
+    tp = _hints(cls)[f.name]
+    return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
 
 
 # ---- checking ---------------------------------------------------------------------------------

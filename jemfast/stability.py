@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -46,6 +46,8 @@ class DivergenceMonitor:
     def __init__(self, cfg: StabilityConfig, device: torch.device) -> None:
         self.cfg = cfg
         self.flags = torch.zeros((), dtype=torch.int64, device=device)
+        # under torchrun: ORs the flags of every rank (jemfast.ddp_trainer), so all roll back together
+        self.reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._bits = 2 ** torch.arange(len(CAUSES), device=device)
 
     def observe(self, metrics: dict[str, torch.Tensor], x_fake: torch.Tensor | None) -> None:
@@ -71,7 +73,7 @@ class DivergenceMonitor:
 
     def check(self) -> str | None:
         """Read and clear the flags: ``None`` if healthy, else the causes joined by '; '."""
-        value = int(self.flags.item())
+        value = int(self.flags.item() if self.reduce is None else self.reduce(self.flags))
         self.flags.zero_()
         if value == 0:
             return None

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .rundir import write_json
 
 
@@ -24,6 +24,8 @@ def run_summary(trainer: Any, status: str, test_acc: float) -> dict[str, Any]:
         "torch_version": torch.__version__, "jemfast_version": __version__,
         "sgld_backend": trainer.sampler.backend, "restarts": trainer.recovery.restarts,
         "out": str(trainer.out), "stop_signal": trainer.stop_signal, "config": trainer.cfg.to_dict(),
+        "world_size": distributed.world_size(),
+        "global_batch": trainer.cfg.optim.batch_size * distributed.world_size(),
     }
 
 

@@ -12,20 +12,23 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from tqdm import tqdm
 
+from . import distributed, shards
 from .build import build_buffer, build_model, build_optimizer, build_sampler, resolve_device, seed_all
 from .checkpoint import Progress, read_checkpoint, restore_training_state, training_state
 from .cli import config_from_args, run_cli
 from .config import Config, validate
 from .data import load_data
+from .ddp_trainer import data_parallel
 from .errors import DivergenceExhausted, UserError
+from .init_dist import make_init_fn
 from .log import get_logger, progress_safe_logging, setup_cli_logging
 from .metrics import MetricsLog, MetricWindow
-from .plots import save_image_grid, save_toy2d_plot
+from .outputs import log_metrics, save_buffer_grid, save_samples
 from .interrupt import StopRequested, stop_on_signals
 from .resume import check_identity, reconcile, restarts_after_checkpoint
 from .rundir import (checkpoint_candidates, drop_previous, mark_best, prepare_out, remove_stale_temp_files,
@@ -65,16 +68,17 @@ class Trainer:
             raise
 
     def _build(self, cfg: Config, hooks: Iterable[Hook]) -> None:
-        seed_all(cfg.run.seed)
+        self._seed_all(cfg.run.seed)
         self.data = load_data(cfg.data, self.device)
         shape, n_classes = self.data.input_shape, self.data.n_classes
         self.per_epoch = self.data.train.n_batches(cfg.optim.batch_size, drop_last=True)
         if self.per_epoch == 0:
             raise UserError(f"--batch-size {cfg.optim.batch_size} is larger than the training set "
                             f"({len(self.data.train)})")
-        self.model = build_model(cfg, shape, n_classes, self.device)
+        self.model = self.loss_model = build_model(cfg, shape, n_classes, self.device)  # DDP wraps the latter
         self.optimizer = build_optimizer(cfg, self.model)
-        self.buffer = build_buffer(cfg, shape, n_classes, self.device)
+        self.buffer = build_buffer(cfg, shape, n_classes, self.device,
+                                   make_init_fn(cfg.sampler.init_dist, self.data.train, n_classes))
         self.sampler = build_sampler(cfg)
         self.sampler.chain_fn(self.device)  # an unusable --backend fails here, not mid-run
         self.monitor = DivergenceMonitor(cfg.stability, self.device)
@@ -101,7 +105,7 @@ class Trainer:
             self.bar = tqdm(total=self.per_epoch * o.epochs, initial=p.step, disable=not self.cfg.run.progress,
                             unit="it", dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 15.0)
             try:
-                with stop_on_signals(self._on_signal), progress_safe_logging():
+                with stop_on_signals(self._on_signal, distributed.active()), progress_safe_logging():
                     self._start_outputs()
                     while True:
                         stop = self._train()
@@ -151,9 +155,8 @@ class Trainer:
         self.window = MetricWindow()
         self.t_window = time.perf_counter()
         while p.epoch < o.epochs:
-            order_seed = p.seed * 100_003 + p.epoch  # a resumed epoch replays the same order
-            for x, y in self.data.train.batches(o.batch_size, order_seed, p.batch_in_epoch, drop_last=True):
-                if self.stop_signal is not None:
+            for x, y in self._batches(self._order_seed(), p.batch_in_epoch):
+                if self._stopping():
                     cause = self.save_checkpoint()
                     return Stop("diverged", cause) if cause else Stop("interrupted")
                 try:
@@ -169,14 +172,22 @@ class Trainer:
                 return Stop("diverged", cause)
         return Stop("finished")
 
+    def _order_seed(self) -> int:
+        """The seed of this epoch's batch order (a resumed epoch replays the same order)."""
+        return self.progress.seed * 100_003 + self.progress.epoch
+
     def _iteration(self, x: torch.Tensor, y: torch.Tensor):
         cfg, p = self.cfg, self.progress
         for hook in self.hooks:
             hook(self)
         self.lr = lr_at(cfg.optim, p.step, p.epoch, self.recovery.lr_scale)
         set_lr(self.optimizer, self.lr)
+        x_px = None
+        if self.data.labelled is not None:  # semi-supervised: (x, y) feeds p(x) only, labels unused
+            x_px = self.data.prepare_train(x)
+            x, y = self.data.labelled.cycled_batch(cfg.optim.batch_size, self._order_seed(), p.batch_in_epoch)
         out = train_step(cfg, self.model, self.optimizer, self.sampler, self.buffer,
-                         self.data.prepare_train(x), y, self.data.n_classes)
+                         self.data.prepare_train(x), y, self.data.n_classes, x_px=x_px, loss_model=self.loss_model)
         self.monitor.observe(out.metrics, out.x_fake)
         self.window.add(out.metrics)
         p.step += 1
@@ -193,9 +204,9 @@ class Trainer:
             if cause:
                 return cause
         if step % r.log_every == 0:
-            self._log()
+            log_metrics(self)
         if step % r.sample_every == 0 and x_fake is not None:
-            self._save_samples(x_fake, f"step_{step:07d}.png")
+            save_samples(self, x_fake, f"step_{step:07d}.png")
         if r.ckpt_every and step % r.ckpt_every == 0:
             return self.save_checkpoint()
         return None
@@ -216,7 +227,7 @@ class Trainer:
             return cause
         if is_best:
             mark_best(self.recovery.last_good, self.out)
-        self._save_buffer_grid(f"epoch_{p.epoch:04d}.png")
+        save_buffer_grid(self, f"epoch_{p.epoch:04d}.png")
         self.metrics.write(record)
         if self.report is not None:
             self.report({**record, "valid_acc": self.valid_acc, "restarts": len(self.recovery.restarts),
@@ -236,11 +247,27 @@ class Trainer:
         if cause:
             return cause
         state = self.state()
-        path = save_good_checkpoint(state, self.out, self.progress.step, self.cfg.stability.good_ring)  # OSError: see run()
+        path = self._write_checkpoint(state)  # OSError: see run()
         self.recovery.checkpointed(state, path)
         return None
 
+    def _write_checkpoint(self, state: dict[str, Any]) -> Path:
+        return save_good_checkpoint(state, self.out, self.progress.step, self.cfg.stability.good_ring)
+
     def _resume(self) -> int:
+        ckpt, path, lost = self._read_resume_checkpoint()
+        ckpt = shards.for_rank(ckpt, distributed.rank(), distributed.world_size(), self.buffer.capacity)
+        restore_training_state(ckpt, self.model, self.optimizer, self.buffer, self.sampler, self.progress,
+                               self.recovery)
+        self.recovery.checkpointed(ckpt, path)
+        self._reapply_lost_restarts(lost)
+        self.sampler.n_steps = self.cfg.sampler.n_steps * self.recovery.sgld_steps_factor
+        log.info(f"resuming from {path} (epoch {self.progress.epoch}, iteration {self.progress.step})")
+        return self.progress.step
+
+    def _read_resume_checkpoint(self) -> tuple[dict[str, Any], Path, list[dict[str, Any]]]:
+        """The newest readable checkpoint of this run (flags reconciled), its path, and the
+        restarts logged after it."""
         errors = []
         for path in checkpoint_candidates(self.out):
             try:
@@ -253,24 +280,18 @@ class Trainer:
             check_identity(saved_cfg, self.cfg, path)
             for line in reconcile(saved_cfg, self.cfg, int(ckpt["step"])):
                 log.warning(line)
-            restore_training_state(ckpt, self.model, self.optimizer, self.buffer, self.sampler, self.progress,
-                                   self.recovery)
-            self.recovery.checkpointed(ckpt, path)
-            self._reapply_lost_restarts()
-            self.sampler.n_steps = self.cfg.sampler.n_steps * self.recovery.sgld_steps_factor
-            log.info(f"resuming from {path} (epoch {self.progress.epoch}, iteration {self.progress.step})")
-            return self.progress.step
+            return ckpt, path, restarts_after_checkpoint(self.out / "metrics.jsonl", len(ckpt["recovery"]["restarts"]))
         raise UserError(f"--resume: no readable checkpoint in {self.out / 'checkpoints'} ({'; '.join(errors)})")
 
-    def _reapply_lost_restarts(self) -> None:
+    def _reapply_lost_restarts(self, lost: list[dict[str, Any]]) -> None:
         """Restarts logged after the checkpoint (the process was killed before the next one):
         apply their actions again, as the rollback they made had restored this very state."""
         rec, p = self.recovery, self.progress
-        for event in restarts_after_checkpoint(self.out / "metrics.jsonl", len(rec.restarts)):
+        for event in lost:
             action = recovery_action(int(event["restart"]), self.cfg.run.seed)
             rec.apply(action)
             p.seed = action.new_seed
-            seed_all(p.seed)
+            self._seed_all(p.seed)
             if action.reset_buffer:
                 self.buffer.reset()
             rec.restarts.append(event)
@@ -292,7 +313,7 @@ class Trainer:
         restore_training_state(self._rollback_target(rec.depth), self.model, self.optimizer, self.buffer,
                                self.sampler, p, recovery=None, restore_rng=False)
         p.seed = action.new_seed
-        seed_all(p.seed)
+        self._seed_all(p.seed)
         self.sampler.n_steps = self.cfg.sampler.n_steps * rec.sgld_steps_factor
         if action.reset_buffer:
             self.buffer.reset()
@@ -306,37 +327,28 @@ class Trainer:
 
     def _rollback_target(self, depth: int) -> dict[str, Any]:
         """The in-memory snapshot (depth 0) or the ``depth``-th older good checkpoint on disk."""
+        ckpt = self._read_older_checkpoint(depth) if depth > 0 else None
+        if ckpt is None:
+            return self.recovery.snapshot
+        return shards.for_rank(ckpt, distributed.rank(), distributed.world_size(), self.buffer.capacity)
+
+    def _read_older_checkpoint(self, depth: int) -> dict[str, Any] | None:
         ring = sorted((self.out / "checkpoints").glob("good-*.pt"), reverse=True)
-        for path in (ring[depth:] or ring[-1:]) if depth > 0 else []:
+        for path in ring[depth:] or ring[-1:]:
             try:
                 return read_checkpoint(path, map_location=self.device)
             except UserError:
                 continue
-        return self.recovery.snapshot
+        return None
 
-    # ---- outputs -----------------------------------------------------------------------
-    def _log(self) -> None:
-        means = self.window.mean()  # the one host sync of the log interval
-        now, n = time.perf_counter(), self.cfg.run.log_every
-        record = {"step": self.progress.step, "epoch": self.progress.epoch, **means, "lr": self.lr,
-                  "images_per_s": n * self.cfg.optim.batch_size / max(now - self.t_window, 1e-9),
-                  "time": now - self.t0}
-        self.t_window = now
-        self.metrics.write(record)
-        self.bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['acc']:.3f}",
-                             img_s=f"{record['images_per_s']:.0f}")
+    def _seed_all(self, seed: int) -> None:  # this and the next two: jemfast.ddp_trainer replaces them
+        seed_all(seed)
 
-    def _save_samples(self, x: torch.Tensor, name: str) -> None:
-        path = self.out / "samples" / name
-        if len(self.data.input_shape) == 3:
-            save_image_grid(x[:64], path)
-        else:
-            save_toy2d_plot(self.model, self.buffer.data[:2000], self.data.train.x[:2000], path)
+    def _batches(self, order_seed: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.data.train.batches(self.cfg.optim.batch_size, order_seed, start, drop_last=True)
 
-    def _save_buffer_grid(self, name: str) -> None:
-        """A grid of buffer rows spread over the whole buffer (no RNG used)."""
-        rows = torch.linspace(0, self.buffer.capacity - 1, min(100, self.buffer.capacity)).long()
-        self._save_samples(self.buffer.data[rows.to(self.device)], name)
+    def _stopping(self) -> bool:
+        return self.stop_signal is not None
 
     def finish(self, status: str) -> dict[str, Any]:
         finished = status == "finished"
@@ -356,7 +368,9 @@ def train(cfg: Config, report: Report | None = None, hooks: Iterable[Hook] = ())
     checkpoints), DivergenceExhausted when restarts run out.
     """
     validate(cfg)
-    return Trainer(cfg, report, hooks).run()
+    with distributed.session(cfg.run.device):
+        trainer_class = data_parallel(Trainer) if distributed.active() else Trainer
+        return trainer_class(cfg, report, hooks).run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -364,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def _run() -> int:
         summary = train(config_from_args(argv))
+        if not distributed.env_is_main():  # under torchrun rank 0 reports for all
+            return 128 + summary["stop_signal"] if summary["status"] == "interrupted" else 0
         if summary["status"] == "interrupted":
             print(f"interrupted: checkpoint saved in {summary['out']}/checkpoints; continue with --resume")
             return 128 + (summary["stop_signal"] or signal.SIGINT)

@@ -184,3 +184,21 @@ def test_one_line_escapes_and_cuts_at_a_word():
     assert line.endswith("...") and len(line) <= 63
     assert line[:-3].split(" ")[-1] in text.split(" ")  # the last word is whole
     assert one_line("short") == "short" and not math.isnan(len(one_line("")))
+
+
+def test_library_classes_check_their_arguments_with_the_config_rules():
+    from jemfast import SGLD, ReplayBuffer
+
+    s = SGLD(n_steps=np.int64(5), step_size=np.float32(0.5))
+    assert type(s.n_steps) is int and type(s.step_size) is float and s.n_steps == 5
+    with pytest.raises(ValueError, match=r"^n_steps: must be >= 1, got 0$"):
+        SGLD(n_steps=0)
+    with pytest.raises(ValueError, match=r"^step_size: must be a finite number, got nan$"):
+        SGLD(step_size=float("nan"))
+    with pytest.raises(ValueError, match=r"^noise_std: must be >= 0, got -0.1$"):
+        SGLD(noise_std=-0.1)
+    with pytest.raises(ValueError, match=r"^capacity: must be <= 10000000, got 1000000000000$"):
+        ReplayBuffer(10**12, (3, 32, 32))  # refused before anything is allocated
+    with pytest.raises(ValueError, match=r"^reinit_freq: must be <= 1, got 1.5$"):
+        ReplayBuffer(5, (1,), reinit_freq=1.5)
+    assert type(ReplayBuffer(np.int64(5), (1,), reinit_freq=np.float64(0.1)).capacity) is int

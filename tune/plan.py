@@ -74,6 +74,10 @@ class TuneOptions:
     gpus_per_trial: float | None = option(None, "--gpus-per-trial", "GPUs per trial, fractional allowed "
                                           "(default 1 if this machine has CUDA, else 0)", lo=0.0, hi=64,
                                           check=_whole_above_one, group=RESOURCES)
+    trial_resource: tuple[str, ...] = option((), "--trial-resource", "a custom Ray resource every trial reserves "
+                                             "(repeatable), e.g. to keep trials on the nodes started with "
+                                             "--resources '{\"jem\": 4}'", action="append",
+                                             metavar="NAME=AMOUNT", group=RESOURCES)
     max_concurrent: int = option(0, "--max-concurrent", "trials at once (0: as resources allow)", lo=0,
                                  group=RESOURCES)
     max_failures: int = option(2, "--max-failures", "retries of a crashed trial, each from its last checkpoint",
@@ -119,6 +123,21 @@ def _space_args(items: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def _resource_args(items: tuple[str, ...]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, sep, amount = item.partition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if not sep or not name.strip() or name.strip() in ("cpu", "gpu", "CPU", "GPU") or not value > 0:
+            raise ValueError(f"--trial-resource: expected NAME=AMOUNT (a custom resource, AMOUNT > 0), "
+                             f"got {one_line(repr(item), 80)}")
+        out[name.strip()] = value
+    return out
+
+
 def make_plan(opts: TuneOptions, overrides: dict[str, Any]) -> dict[str, Any]:
     """Everything an experiment needs, JSON-serialisable (saved as jemfast_tune.json)."""
     smoke = SMOKE_TUNE if opts.smoke_test else {}
@@ -156,6 +175,7 @@ def make_plan(opts: TuneOptions, overrides: dict[str, Any]) -> dict[str, Any]:
         "reduction_factor": opts.reduction_factor, "perturbation_interval": opts.perturbation_interval,
         "search_seed": opts.search_seed, "cpus_per_trial": cpus, "gpus_per_trial": gpus,
         "max_concurrent": opts.max_concurrent, "max_failures": opts.max_failures,
+        "custom_resources": _resource_args(opts.trial_resource),
         "settings": {
             "weights": {"quality": opts.quality_weight, "restart": opts.restart_penalty,
                         "diverged": opts.diverged_penalty},

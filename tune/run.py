@@ -23,7 +23,8 @@ def _trainable(plan: dict[str, Any]) -> Any:
     from .trainable import jem_trainable
 
     fn = tune.with_parameters(jem_trainable, base=plan["base"], settings=plan["settings"])
-    return tune.with_resources(fn, {"cpu": plan["cpus_per_trial"], "gpu": plan["gpus_per_trial"]})
+    return tune.with_resources(fn, {"cpu": plan["cpus_per_trial"], "gpu": plan["gpus_per_trial"],
+                                    **plan.get("custom_resources", {})})
 
 
 def _scheduler(plan: dict[str, Any]) -> Any:

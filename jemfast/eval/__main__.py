@@ -7,7 +7,7 @@ from ..cli import run_cli
 from ..log import setup_cli_logging
 from ..paths import check_writable_dir
 from .options import options_from_args
-from .runner import default_out, run_eval
+from .runner import default_out, exit_on_signals, run_eval
 
 
 def summary_lines(r: dict) -> list[str]:
@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     setup_cli_logging("jemfast.eval")
-    return run_cli(_run, "jemfast.eval")
+    with exit_on_signals("jemfast.eval"):
+        return run_cli(_run, "jemfast.eval")
 
 
 if __name__ == "__main__":

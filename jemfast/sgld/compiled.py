@@ -46,8 +46,7 @@ def sgld_step(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor
 class CompiledChain:
     """``torch.compile`` of :func:`sgld_step` (``fullgraph=True``), called ``spec.n_steps`` times.
 
-    The step, not the unrolled chain, is compiled: compile time stays that of one step (an
-    unrolled 20-step chain took minutes to compile on the CPU and ran no faster), and it does
+    The step, not the unrolled chain, is compiled: compile time stays that of one step and does
     not depend on ``n_steps``. Step size and noise level enter as device scalars, so changing
     them does not recompile. The first call per input shape is timed and logged once.
 
@@ -57,15 +56,17 @@ class CompiledChain:
     weights copied to channels-last once per chain call (parameters are constant during a
     chain; the copy is what makes oneDNN's fast path and avoids a per-step weight transpose in
     the compiled graph); the noise is drawn eagerly from torch's CPU generator in the reference
-    chain's order (inductor's in-graph CPU randn is much slower than ``torch.randn``), so for a
-    given seed this backend follows the reference chain's noise stream.
+    chain's order (inductor's in-graph CPU randn is slower than ``torch.randn``), so for a given
+    seed this backend follows the reference chain's noise stream.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.mode = "reduce-overhead" if self.cuda else None
-        self.step = torch.compile(sgld_step, fullgraph=True, mode=self.mode)
+        # dynamic=False: each input shape gets its own static graph (a chain sees one or a few);
+        # dynamo's automatic dynamic shapes after a second shape would give up static CUDA graphs
+        self.step = torch.compile(sgld_step, fullgraph=True, mode=self.mode, dynamic=False)
         self.compile_s: dict[tuple, float] = {}  # first-call seconds per (shape, y given, dtype)
         self._consts: dict[tuple, torch.Tensor] = {}
 
