@@ -5,7 +5,7 @@ One elementwise Triton kernel reads ``x`` (fp32) and ``grad`` (fp32 or bf16), dr
 noise itself with Philox (``tl.randn``) and writes ``x`` back: one read of each input and one
 write, instead of the four passes of ``torch.randn`` + ``add_`` + ``add_`` + ``clamp_``.
 
-Noise: element ``i`` (flat index) gets the Philox counter ``offset + i`` of ``rng_state``, and the
+Noise: element ``i`` (in memory order) gets the Philox counter ``offset + i`` of ``rng_state``, and the
 offset then advances by ``x.numel()`` on the device (see :mod:`jemfast.kernels._common` for why
 this makes CUDA-graph replays draw fresh noise and saved states reproducible). The clamp keeps
 NaN as NaN, so a diverging chain stays visible to the divergence monitor.
@@ -48,10 +48,10 @@ def sgld_update_(x: Tensor, grad: Tensor, step_size: float, noise_std: float, rn
     """One SGLD step on the chain state ``x``, in place, with noise drawn in the kernel.
 
     Args:
-        x: fp32, contiguous, any shape ``[*]`` -- the chain state (e.g. images in [-1, 1]),
-            overwritten with the result.
-        grad: fp32 or bf16, same shape and device as ``x`` -- ``dE/dx``. A non-contiguous
-            ``grad`` is copied to a contiguous one first.
+        x: fp32, any shape ``[*]``, contiguous or (4-D) channels-last -- the chain state (e.g.
+            images in [-1, 1]), overwritten with the result.
+        grad: fp32 or bf16, same shape and device as ``x`` -- ``dE/dx``; copied to ``x``'s
+            memory layout first if it has another one (the kernel walks both in memory order).
         step_size: ``alpha``, in units of ``x`` per unit of gradient (JEM: 1.0).
         noise_std: ``sigma``, standard deviation of the added Gaussian noise, in units of
             ``x`` (JEM: 0.01). ``0`` skips the Philox work (the offset still advances).
@@ -63,7 +63,7 @@ def sgld_update_(x: Tensor, grad: Tensor, step_size: float, noise_std: float, rn
         ``x`` itself.
 
     Raises:
-        ValueError: non-contiguous or non-fp32 ``x``; ``grad`` of another shape, device or an
+        ValueError: ``x`` not fp32 or neither contiguous nor channels-last; ``grad`` of another shape, device or an
             unsupported dtype; malformed ``rng_state``.
         RuntimeError: Triton cannot run on ``x``'s device (see ``triton_available``).
 
@@ -74,8 +74,9 @@ def sgld_update_(x: Tensor, grad: Tensor, step_size: float, noise_std: float, rn
         raise ValueError(f"{op}: x and grad must be tensors")
     if x.dtype != torch.float32:
         raise ValueError(f"{op}: x must be float32 (the fp32 chain state), got {x.dtype}")
-    if not x.is_contiguous():
-        raise ValueError(f"{op}: x must be contiguous (it is updated in place); "
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    if not (x.is_contiguous() or channels_last):
+        raise ValueError(f"{op}: x must be contiguous or channels-last (it is updated in place); "
                          "pass x.contiguous() and use the returned tensor")
     if grad.shape != x.shape:
         raise ValueError(f"{op}: grad shape {tuple(grad.shape)} != x shape {tuple(x.shape)}")
@@ -88,7 +89,7 @@ def sgld_update_(x: Tensor, grad: Tensor, step_size: float, noise_std: float, rn
     n = x.numel()
     if n == 0:
         return x
-    grad = grad.contiguous()
+    grad = grad.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     step_size, noise_std = float(step_size), float(noise_std)
     grid = (triton.cdiv(n, BLOCK_SIZE),)
     _sgld_kernel[grid](x, grad, rng_state, n, step_size, noise_std,

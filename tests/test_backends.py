@@ -230,6 +230,23 @@ def test_fused_noise_statistics_and_fresh_noise():
     _check_noise_stats(a, ref_noisy, clean)
 
 
+def test_fused_keeps_a_channels_last_chain_channels_last():
+    chain = _fused_or_skip()
+    torch.manual_seed(0)
+    model = JEM(SmallCNN(3, 10, hidden=8))
+    x = (torch.rand(8, 3, 8, 8) * 2 - 1).contiguous(memory_format=torch.channels_last)
+    assert not x.is_contiguous()
+    ref = _run(reference_chain, model, x, clamp=True, steps=5)
+    out = _run(chain, model, x, clamp=True, steps=5)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert (ref - x).abs().max() > 1e-3
+    torch.testing.assert_close(out, ref, rtol=0, atol=ATOL)
+    sampler = SGLD(n_steps=5, step_size=ALPHA, noise_std=0.0, backend="fused", clamp=True, channels_last=True)
+    out = sampler.run(model, x.contiguous())  # an NCHW start (as the buffer gives) runs channels-last
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=0, atol=ATOL)
+
+
 def test_fused_leaves_grads_and_input_alone():
     chain = _fused_or_skip()
     model, x = _model(), _x()
@@ -291,6 +308,9 @@ def test_capture_key_follows_float_settings_and_parameter_layout():
     assert capture_key(model, x, None, ChainSpec(STEPS, ALPHA, SIGMA, True)) != base
     assert capture_key(model, x, torch.arange(B) % 10, spec) != base
     assert capture_key(model, x[:8], None, spec) != base
+    x3 = torch.rand(B, 3, 8, 8)  # (1-channel images are both layouts at once)
+    assert (capture_key(model, x3.contiguous(memory_format=torch.channels_last), None, spec)
+            != capture_key(model, x3, None, spec))
     matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
     saved = (matmul.allow_tf32, cudnn.allow_tf32, torch.get_float32_matmul_precision())
     saved_new_api = getattr(matmul, "fp32_precision", None)  # torch >= 2.9 mirrors the flags here
@@ -336,7 +356,7 @@ def test_graph_chain_evicts_least_recently_used_and_copies_without_grad(monkeypa
     for n in (1, 2, 3, 1, 4, 2):
         out = chain(model, x, None, ChainSpec(n, ALPHA, 0.0))
     assert captured == [1, 2, 3, 4, 2]  # 1 was reused; 4 evicted 2 (least recently used), 2 evicted 3
-    assert [key[4].n_steps for key in chain.graphs] == [1, 4, 2]
+    assert [key[5].n_steps for key in chain.graphs] == [1, 4, 2]
     assert not out.requires_grad and torch.equal(out, x.detach())
     assert all(not cap.x.requires_grad for cap in chain.graphs.values())
     chain.clear()

@@ -108,6 +108,16 @@ def test_non_contiguous_grad_is_handled():
     _assert_close(x, expected)
 
 
+def test_channels_last_x_is_updated_in_its_own_layout():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 3, 5, 5, generator=gen).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(4, 3, 5, 5, generator=gen).to(DEVICE)  # NCHW: the launcher matches x's layout
+    expected = sgld_update_reference(x, grad, 0.3, 0.0, clamp=True)
+    out = sgld_update_(x, grad, 0.3, 0.0, new_rng_state(0, DEVICE), clamp=True)
+    assert out is x and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    _assert_close(x, expected)
+
+
 def test_bad_inputs_raise_value_error():
     rng = new_rng_state(0, DEVICE)
     x = torch.zeros(4, 6, device=DEVICE)

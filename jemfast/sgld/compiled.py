@@ -46,8 +46,7 @@ def sgld_step(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor
 class CompiledChain:
     """``torch.compile`` of :func:`sgld_step` (``fullgraph=True``), called ``spec.n_steps`` times.
 
-    The step, not the unrolled chain, is compiled: compile time stays that of one step (an
-    unrolled 20-step chain took minutes to compile on the CPU and ran no faster), and it does
+    The step, not the unrolled chain, is compiled: compile time stays that of one step and does
     not depend on ``n_steps``. Step size and noise level enter as device scalars, so changing
     them does not recompile. The first call per input shape is timed and logged once.
 
@@ -57,8 +56,8 @@ class CompiledChain:
     weights copied to channels-last once per chain call (parameters are constant during a
     chain; the copy is what makes oneDNN's fast path and avoids a per-step weight transpose in
     the compiled graph); the noise is drawn eagerly from torch's CPU generator in the reference
-    chain's order (inductor's in-graph CPU randn is much slower than ``torch.randn``), so for a
-    given seed this backend follows the reference chain's noise stream.
+    chain's order (inductor's in-graph CPU randn is slower than ``torch.randn``), so for a given
+    seed this backend follows the reference chain's noise stream.
     """
 
     def __init__(self, device: torch.device) -> None:

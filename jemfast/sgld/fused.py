@@ -8,6 +8,14 @@ from .reference import UpdateFn, sgld_chain
 from .spec import ChainSpec
 
 
+def chain_layout(x: torch.Tensor) -> torch.memory_format:
+    """The memory layout a kernel-updated chain state keeps: channels-last for a channels-last
+    4-D ``x`` (the layout cuDNN's tensor-core convolutions read), else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def kernel_update(rng_state: torch.Tensor) -> UpdateFn:
     """The update of :func:`jemfast.kernels.sgld_update_`, in place on x, drawing its noise from
     the Philox state ``rng_state`` (int64 ``[2]`` on x's device, advanced on the device)."""
@@ -54,5 +62,5 @@ class FusedChain(KernelNoise):
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, spec: ChainSpec) -> torch.Tensor:
         update = kernel_update(self.rng(x.device))
-        x = x.detach().float().contiguous().clone()  # our own chain state, updated in place
+        x = x.detach().float().clone(memory_format=chain_layout(x))  # our own state, updated in place
         return sgld_chain(model, x, y, spec, update)

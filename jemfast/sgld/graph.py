@@ -1,7 +1,7 @@
 """The ``graph`` backend: the reference loop with the fused update, captured in one CUDA graph.
 
-One capture per :func:`capture_key`: the model (identity and train/eval mode), the batch shape,
-whether labels are given, the :class:`ChainSpec`, the float settings that change which kernels
+One capture per :func:`capture_key`: the model (identity and train/eval mode), the batch shape
+and layout (channels-last chains stay channels-last), whether labels are given, the :class:`ChainSpec`, the float settings that change which kernels
 run (TF32 flags, float32 matmul precision, cuDNN benchmark/deterministic), and every parameter's
 and buffer's dtype, shape and strides. Each capture holds static buffers: the chain state ``x``
 (copied in before a replay, updated in place by the captured steps, cloned out after) and the
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..log import get_logger, log_once
-from .fused import KernelNoise, kernel_update
+from .fused import KernelNoise, chain_layout, kernel_update
 from .reference import sgld_chain
 from .spec import ChainSpec
 
@@ -56,7 +56,7 @@ def capture_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, spec:
     """What a captured chain depends on besides tensor values (pure; no CUDA needed)."""
     layout = tuple((t.dtype, tuple(t.shape), t.stride()) for t in itertools.chain(model.parameters(), model.buffers()))
     labels = None if y is None else (tuple(y.shape), y.dtype)
-    return (id(model), model.training, tuple(x.shape), labels, spec, float_settings(), layout)
+    return (id(model), model.training, tuple(x.shape), chain_layout(x), labels, spec, float_settings(), layout)
 
 
 def lowp_params(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -122,7 +122,7 @@ class GraphChain(KernelNoise):
         t0 = time.perf_counter()
         rng = self.rng(self.device)
         with torch.no_grad():
-            static_x = torch.empty(x.shape, dtype=torch.float32, device=self.device)
+            static_x = torch.empty(x.shape, dtype=torch.float32, device=self.device, memory_format=chain_layout(x))
             static_x.copy_(x)
             static_y = None if y is None else y.detach().to(self.device).clone(memory_format=torch.contiguous_format)
         # Warm-up on a side stream (cuBLAS/cuDNN handles, Triton JIT) with scratch state.

@@ -28,7 +28,9 @@ class SGLD:
     ``backend`` is one of reference | fused | graph | compile | auto (see
     :mod:`jemfast.sgld.backends`; all but reference are resolved there, lazily, on first use,
     after which ``backend`` holds the resolved name). ``precision='bf16'`` evaluates the network
-    under bf16 autocast; the chain stays fp32. ``n_steps`` may be changed between calls.
+    under bf16 autocast; the chain stays fp32. ``channels_last=True`` runs 4-D chains in NHWC
+    memory layout (for a channels-last model); otherwise a chain keeps the layout of the x it is
+    given. ``n_steps`` may be changed between calls.
 
     Checkpointing: :meth:`state_dict` holds ``n_steps`` and the kernel Philox state of the
     ``fused``/``graph`` backends (None for the others, whose noise comes from torch's generator);
@@ -36,7 +38,8 @@ class SGLD:
     """
 
     def __init__(self, n_steps: int = 20, step_size: float = 1.0, noise_std: float = 0.01,
-                 backend: str = "reference", clamp: bool = False, precision: str = "fp32") -> None:
+                 backend: str = "reference", clamp: bool = False, precision: str = "fp32",
+                 channels_last: bool = False) -> None:
         # the bounds of the config fields these arguments mirror (ValueError naming the argument)
         self.n_steps = check_value("sampler.n_steps", n_steps, "n_steps")
         self.step_size = check_value("sampler.step_size", step_size, "step_size")
@@ -45,6 +48,7 @@ class SGLD:
         self.clamp = clamp
         self.precision = precision
         self.autocast_dtype = precision_dtype(precision)
+        self.channels_last = channels_last
         self._chain: ChainFn | None = reference_chain if backend == "reference" else None
         self._pending_rng: torch.Tensor | int | None = None  # a kernel state (or seed) for a chain not made yet
 
@@ -70,6 +74,8 @@ class SGLD:
         returns a new fp32 tensor. The model's modes and its parameters' ``.grad`` are left as
         they were."""
         chain = self.chain_fn(x.device, model)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         with sampling_mode(model):
             return chain(model, x, y, self.spec)
 
