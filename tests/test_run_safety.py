@@ -242,3 +242,15 @@ def test_sigint_during_start_up_is_quiet(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert len(err.strip().splitlines()) == 1
+
+
+def test_eval_into_a_directory_in_use_is_refused(saved_run, tmp_path, capsys):
+    from jemfast.eval.__main__ import main as eval_main
+
+    out = tmp_path / "eval"
+    with RunLock(out):
+        rc = eval_main(["--checkpoint", str(saved_run / "checkpoints" / "last.pt"), "--what", "accuracy", "--out", str(out),
+                        "--device", "cpu"])
+    assert rc == 2
+    assert f"in use by another jemfast process (pid {os.getpid()})" in capsys.readouterr().err
+    assert not (out / "eval.json").exists()
