@@ -59,6 +59,21 @@ def quiet_startup_signals() -> None:
 
 
 @contextlib.contextmanager
+def handling_signals(handler: Callable[[int, object], None]) -> Iterator[None]:
+    """SIGINT and SIGTERM go to ``handler`` while inside (main thread only; elsewhere a no-op);
+    the previous handlers are restored on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
 def stop_on_signals(on_first: Callable[[int], None], collective: bool = False) -> Iterator[None]:
     """While inside: the first SIGINT/SIGTERM calls ``on_first(signum)`` and :func:`request_stop`
     (long loops then stop at their next unit of work); a second one exits at once with
@@ -68,9 +83,6 @@ def stop_on_signals(on_first: Callable[[int], None], collective: bool = False) -
     their next collective check, and a repeated signal is ignored (torchrun forwards the
     signal it got to every rank, which may have had it already)."""
     clear()
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     seen: list[int] = []
 
     def handler(signum: int, _frame: object) -> None:
@@ -84,10 +96,8 @@ def stop_on_signals(on_first: Callable[[int], None], collective: bool = False) -
             request_stop(signum)
         on_first(signum)
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        with handling_signals(handler):
+            yield
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
         clear()

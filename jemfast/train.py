@@ -80,7 +80,7 @@ class Trainer:
         self.buffer = build_buffer(cfg, shape, n_classes, self.device,
                                    make_init_fn(cfg.sampler.init_dist, self.data.train, n_classes))
         self.sampler = build_sampler(cfg)
-        self.sampler.chain_fn(self.device)  # an unusable --backend fails here, not mid-run
+        self.sampler.chain_fn(self.device, self.model)  # an unusable --backend fails here, not mid-run
         self.monitor = DivergenceMonitor(cfg.stability, self.device)
         self.progress = Progress(seed=cfg.run.seed)
         self.recovery = RecoveryState()
@@ -300,6 +300,7 @@ class Trainer:
             rec.apply(action)
             p.seed = action.new_seed
             self._seed_all(p.seed)
+            self._reseed_kernels(p.seed)
             if action.reset_buffer:
                 self.buffer.reset()
             rec.restarts.append(event)
@@ -322,6 +323,7 @@ class Trainer:
                                self.sampler, p, recovery=None, restore_rng=False)
         p.seed = action.new_seed
         self._seed_all(p.seed)
+        self._reseed_kernels(p.seed)
         self.sampler.n_steps = self.cfg.sampler.n_steps * rec.sgld_steps_factor
         if action.reset_buffer:
             self.buffer.reset()
@@ -354,6 +356,11 @@ class Trainer:
 
     def _seed_all(self, seed: int) -> None:  # this and the next two: jemfast.ddp_trainer replaces them
         seed_all(seed)
+
+    def _reseed_kernels(self, seed: int) -> None:
+        """The kernels' own noise streams (fused/graph SGLD, buffer gather) follow a new seed too."""
+        self.sampler.reseed(seed)
+        self.buffer.reseed(seed)
 
     def _batches(self, order_seed: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.data.train.batches(self.cfg.optim.batch_size, order_seed, start, drop_last=True)

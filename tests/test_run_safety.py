@@ -191,10 +191,10 @@ def test_restart_event_survives_kill_and_resume(tmp_path):
     assert final["recovery"]["restarts"] == restarts and final["seed"] == 1 + 1000
 
 
-def start(out: Path, *extra: str, log: Path | None = None) -> subprocess.Popen:
+def start(out: Path, *extra: str, log: Path | None = None, env: dict | None = None) -> subprocess.Popen:
     err = open(log, "w") if log else subprocess.PIPE
     return subprocess.Popen([sys.executable, "-m", "jemfast.train", *TINY, "--out", str(out), *extra],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, **(env or {})})
 
 
 def wait_for(pred, timeout=300.0) -> bool:
@@ -209,8 +209,9 @@ def wait_for(pred, timeout=300.0) -> bool:
 @pytest.mark.slow
 def test_sigterm_stops_inside_a_long_sgld_chain_and_second_signal_is_quiet(tmp_path):
     out = tmp_path / "run"
-    # 10**6 SGLD steps: one iteration would take hours, so exiting at all means stopping mid-chain
-    proc = start(out, "--epochs", "1", "--sgld-steps", "1000000")
+    # 10**5 SGLD steps (the largest allowed): one iteration takes minutes, so the checkpoint at
+    # iteration 0 below shows the run stopped inside the first chain
+    proc = start(out, "--epochs", "1", "--sgld-steps", "100000")
     assert wait_for(lambda: (out / "checkpoints" / "last.pt").exists())
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
@@ -219,16 +220,19 @@ def test_sigterm_stops_inside_a_long_sgld_chain_and_second_signal_is_quiet(tmp_p
     assert read_checkpoint(out / "checkpoints" / "last.pt")["step"] == 0
 
     log = tmp_path / "stderr.txt"
-    proc = start(out, "--epochs", "1", "--sgld-steps", "1000000", "--resume", log=log)
+    # the checkpoint write after the first signal pauses 20 s, so the second one lands inside it
+    proc = start(out, "--epochs", "1", "--sgld-steps", "100000", "--resume", log=log,
+                 env={"JEMFAST_TEST_SAVE_DELAY": "20"})
     assert wait_for(lambda: "resuming from" in log.read_text())
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.05)
+    time.sleep(3.0)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
     err = log.read_text()
     assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
     assert "second signal" in err
+    assert read_checkpoint(out / "checkpoints" / "last.pt")["step"] == 0  # the old one, intact
 
 
 def test_sigint_during_start_up_is_quiet(tmp_path):
@@ -238,3 +242,15 @@ def test_sigint_during_start_up_is_quiet(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert len(err.strip().splitlines()) == 1
+
+
+def test_eval_into_a_directory_in_use_is_refused(saved_run, tmp_path, capsys):
+    from jemfast.eval.__main__ import main as eval_main
+
+    out = tmp_path / "eval"
+    with RunLock(out):
+        rc = eval_main(["--checkpoint", str(saved_run / "checkpoints" / "last.pt"), "--what", "accuracy", "--out", str(out),
+                        "--device", "cpu"])
+    assert rc == 2
+    assert f"in use by another jemfast process (pid {os.getpid()})" in capsys.readouterr().err
+    assert not (out / "eval.json").exists()

@@ -66,7 +66,7 @@ class EvalOptions:
     attack_n: int | None = option(None, "--attack-n", "test images attacked (default 100 digits, 300 images)",
                                   lo=1, hi=10_000_000)
     attack_batch: int = option(250, "--attack-batch", "rows per PGD batch", lo=1, hi=65536)
-    inception_weights: str | None = option(None, "--inception-weights", "Inception weights file for IS/FID")
+    inception_weights: str | None = option(None, "--inception-weights", "FID Inception weights for IS/FID (weights-inception-2015-12-05-6726825d.pth, torch-fidelity's layout; default: the torch hub cache)")
     gen_source: str = option("buffer", "--gen-source", "samples scored by IS/FID", choices=GEN_SOURCES)
     gen_n: int = option(5000, "--gen-n", "samples scored by IS/FID", lo=1, hi=1_000_000)
     is_splits: int = option(10, "--is-splits", "splits of the Inception Score's mean +- std", lo=1, hi=1000)

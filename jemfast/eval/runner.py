@@ -5,7 +5,6 @@ import contextlib
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,8 +15,10 @@ from .. import __version__
 from ..checkpoint import load_checkpoint
 from ..data import load_data
 from ..build import resolve_device
+from ..interrupt import handling_signals
 from ..log import get_logger, progress_safe_logging
 from ..rundir import write_json
+from ..runlock import RunLock
 from .common import Skipped, is_image, make_sampler
 from .options import EvalOptions, resolve_defaults
 from .report import write_report
@@ -41,22 +42,14 @@ def exit_on_signals(prog: str) -> Iterator[None]:
     as a traceback from deep inside torch or matplotlib. The previous handlers are restored on
     exit (``main`` may be called in-process).
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
     def handler(signum: int, _frame: Any) -> None:
         with contextlib.suppress(Exception):
             sys.stdout.flush()
         os.write(2, f"{prog}: stopped by {signal.Signals(signum).name}\n".encode())
         os._exit(128 + signum)
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with handling_signals(handler):
         yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def run_eval(opts: EvalOptions) -> dict[str, Any]:
@@ -71,7 +64,12 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
     data = load_data(cfg.data, device)
     resolve_defaults(opts, data.name)
     out = Path(opts.out) if opts.out else default_out(opts.checkpoint)
-    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out, "jemfast.eval --out"):  # one process writes an eval directory
+        return _run_parts(opts, ck, model, cfg, buffer, data, device, out, t_start)
+
+
+def _run_parts(opts: EvalOptions, ck: dict[str, Any], model, cfg, buffer, data, device: torch.device,
+               out: Path, t_start: float) -> dict[str, Any]:
     torch.manual_seed(opts.seed)
     log.info(f"{opts.checkpoint}: {data.name}, step {ck['step']}, epoch {ck['epoch']}, device {device}; "
              f"writing to {out}")
