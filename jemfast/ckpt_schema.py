@@ -10,7 +10,8 @@ What it checks:
 - optimizer state: per-parameter tensors shaped as the parameters, param groups' hyper-parameters;
 - replay buffer data ``[buffer_size, *input_shape]`` floating point;
 - RNG states: torch CPU uint8[N] (N that of this torch), numpy MT19937 int64[624], Python's
-  ``random`` (3, 625 ints, gauss), each tried on a throw-away generator;
+  ``random`` (3, 625 ints, gauss), each tried on a throw-away generator; the buffer's and
+  sampler's kernel Philox states int64[2]; a data-parallel run's ``world`` (every rank's);
 - sizes: every tensor dense (no stride-0 expanded views, storage as large as the tensor) and
   all tensors together no larger than the file, so nothing read from a small file can later be
   cloned or allocated into gigabytes. Config sizes (depth, n_classes, input shape) are bounded
@@ -154,13 +155,13 @@ def parse_checkpoint(raw: dict[str, Any], file_bytes: int, max_format: int) -> d
     model = _model(model_dict, template, tensors)
     optimizer = _optimizer(raw["optimizer"], cfg.optim.optimizer, params, tensors)
     buffer = _buffer(raw["buffer"], cfg, shape, n_classes, tensors)
-    n_steps = _int(_dict(raw["sampler"], "sampler", ("n_steps",))["n_steps"], "sampler n_steps", 1, MAX_SGLD_STEPS)
-    recovery = _recovery(raw, version, n_steps, cfg.sampler.n_steps)
+    sampler = _sampler(raw["sampler"], tensors)
+    recovery = _recovery(raw, version, sampler["n_steps"], cfg.sampler.n_steps)
     progress = _progress(raw)
     clean = {
         "format_version": max_format, "jemfast_version": _version(raw.get("jemfast_version", "unknown")),
         "config": cfg.to_dict(), "input_shape": list(shape), "n_classes": n_classes, "model": model,
-        "optimizer": optimizer, "buffer": buffer, "sampler": {"n_steps": n_steps}, "recovery": recovery,
+        "optimizer": optimizer, "buffer": buffer, "sampler": sampler, "recovery": recovery,
         "rng": _rng(raw["rng"], tensors), **progress,
     }
     if raw.get("world") is not None:
@@ -313,6 +314,14 @@ def _buffer(x: Any, cfg: Config, shape: tuple[int, ...], n_classes: int, tensors
     if d.get("kernel_rng_state") is not None:  # Philox (seed, offset) of the gather kernel
         clean["kernel_rng_state"] = tensors(d["kernel_rng_state"], "buffer kernel_rng_state", (2,), torch.int64)
     return clean
+
+
+def _sampler(x: Any, tensors: _Tensors) -> dict:
+    """SGLD state: ``n_steps`` and the fused/graph kernels' Philox (seed, offset), if any."""
+    d = _dict(x, "sampler", ("n_steps",))
+    rng = d.get("rng_state")
+    return {"n_steps": _int(d["n_steps"], "sampler n_steps", 1, MAX_SGLD_STEPS),
+            "rng_state": None if rng is None else tensors(rng, "sampler rng_state", (2,), torch.int64)}
 
 
 # ---- recovery, progress, RNG -----------------------------------------------------------------

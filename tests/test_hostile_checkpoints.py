@@ -104,6 +104,8 @@ MUTATIONS = {
     "buffer data not a tensor": (_set("buffer/data", [[0.0]]), "buffer data"),
     "optimizer state of the wrong shape": (_set("optimizer/state/0/exp_avg", torch.zeros(3)), "exp_avg"),
     "optimizer betas a string": (_set("optimizer/param_groups/0/betas", "0.9"), "betas"),
+    "sampler kernel state of the wrong shape": (_set("sampler/rng_state", torch.zeros(3, dtype=torch.int64)),
+                                                "sampler rng_state"),
     "restart events not dicts": (_set("recovery/restarts", [1, 2]), "restart event"),
     "step a float": (_set("step", 19.5), "step"),
     "stride-0 optimizer state": (_set("optimizer/state/6/exp_avg", torch.zeros(1).expand(10, 32)), "expanded"),
