@@ -70,6 +70,11 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--max-loss", "stability.max_loss", float, "|loss| above this counts as divergence"),
     ("--max-energy-gap", "stability.max_energy_gap", float, "|E(real)-E(fake)| above this counts as divergence"),
     ("--max-sample-abs", "stability.max_sample_abs", float, "max |x_fake| above this counts as divergence"),
+    ("--max-grad-norm", "stability.max_grad_norm", float, "gradient L2 norm above this counts as divergence"),
+    ("--relative-z", "stability.relative_z", float,
+     "divergence: |E(real)-E(fake)| or grad norm this many robust stds (log scale) above its recent median (0: off)"),
+    ("--relative-window", "stability.relative_window", int, "iterations of history for --relative-z"),
+    ("--relative-warmup", "stability.relative_warmup", int, "iterations before --relative-z applies"),
     ("--inject-divergence", "stability.inject_divergence", int, "TESTING AID: make the run diverge at this iteration"),
     ("--device", "run.device", str, f"{', '.join(DEVICES)}"),
     ("--seed", "run.seed", int, "random seed"),
@@ -79,6 +84,7 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--log-every", "run.log_every", int, "iterations between metrics.jsonl lines"),
     ("--ckpt-every", "run.ckpt_every", int, "iterations between mid-epoch checkpoints (0: epoch ends)"),
     ("--precision", "run.precision", str, f"{', '.join(PRECISIONS)}"),
+    ("--threads", "run.threads", int, "torch CPU threads (0: auto, at most the CPUs this process may use)"),
 ]
 SWITCHES = [
     ("--resume", "run.resume", "continue the run in --out from its last good checkpoint"),

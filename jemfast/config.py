@@ -79,6 +79,12 @@ class StabilityConfig:
     max_loss: float = 1e4  # |loss| above this is divergence
     max_energy_gap: float = 1e4  # |E(real) - E(fake)| above this is divergence
     max_sample_abs: float = 1e3  # max |x_fake| above this is divergence
+    max_grad_norm: float = 1e5  # global gradient L2 norm above this is divergence
+    # Relative tests (jemfast.stability): log(1 + |energy gap|) or log(1 + grad norm) more than
+    # relative_z robust stds above the median of the last relative_window iterations.
+    relative_z: float = 8.0  # 0 turns the relative tests off
+    relative_window: int = 200  # iterations of history
+    relative_warmup: int = 50  # iterations seen before the relative tests start
     good_ring: int = 3  # good checkpoints kept on disk
     inject_divergence: int = -1  # testing aid: make the run diverge at this iteration
 
@@ -98,6 +104,7 @@ class RunConfig:
     compile: bool = False
     channels_last: bool = False
     progress: bool = True
+    threads: int = 0  # torch CPU threads; 0: auto (jemfast.threads)
 
 
 @dataclass
@@ -233,8 +240,12 @@ def validate(cfg: Config) -> Config:
     _check(l.p_x_weight >= 0 and l.p_y_given_x_weight >= 0, "loss weights", "must be >= 0")
     _check(st.check_every >= 1, "check_every", f"must be >= 1, got {st.check_every}")
     _check(st.max_restarts >= 0, "max_restarts", f"must be >= 0, got {st.max_restarts}")
-    for name in ("max_loss", "max_energy_gap", "max_sample_abs"):
+    for name in ("max_loss", "max_energy_gap", "max_sample_abs", "max_grad_norm"):
         _positive(name, getattr(st, name))
+    _finite("relative_z", st.relative_z)
+    _check(st.relative_z >= 0, "relative_z", f"must be >= 0 (0: off), got {st.relative_z!r}")
+    _check(st.relative_window >= 1, "relative_window", f"must be >= 1, got {st.relative_window}")
+    _check(st.relative_warmup >= 1, "relative_warmup", f"must be >= 1, got {st.relative_warmup}")
     _check(st.good_ring >= 1, "good_ring", f"must be >= 1, got {st.good_ring}")
     _choice("device", r.device, DEVICES)
     _check(r.seed >= 0, "seed", f"must be >= 0, got {r.seed}")
@@ -244,6 +255,7 @@ def validate(cfg: Config) -> Config:
     _check(r.log_every >= 1, "log_every", f"must be >= 1, got {r.log_every}")
     _check(r.ckpt_every >= 0, "ckpt_every", f"must be >= 0, got {r.ckpt_every}")
     _choice("precision", r.precision, PRECISIONS)
+    _check(r.threads >= 0, "threads", f"must be >= 0 (0: auto), got {r.threads}")
     if s.class_cond and s.buffer_size < 2:
         raise ValueError("buffer_size: class-conditional sampling needs room for every class")
     return cfg

@@ -31,6 +31,7 @@ from .plots import save_image_grid, save_toy2d_plot
 from .rundir import checkpoint_candidates, clear_run, mark_best, prepare_out, save_good_checkpoint, write_json
 from .stability import DivergenceMonitor, InjectDivergence, RecoveryState
 from .step import accuracy, lr_at, set_lr, train_step
+from .threads import configure_threads
 
 log = get_logger(__name__)
 Report = Callable[[dict[str, Any]], None]
@@ -54,6 +55,7 @@ class Trainer:
     def __init__(self, cfg: Config, report: Report | None = None, hooks: Iterable[Hook] = ()) -> None:
         self.cfg, self.report = cfg, report
         self.device = resolve_device(cfg.run.device)
+        configure_threads(cfg.run.threads)
         self.out = prepare_out(cfg.run)
         seed_all(cfg.run.seed)
         self.data = load_data(cfg.data, self.device)
@@ -288,7 +290,7 @@ class Trainer:
             "wall_time_s": time.perf_counter() - self.t0, "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "torch_version": torch.__version__, "jemfast_version": __version__,
-            "sgld_backend": self.sampler.backend, "restarts": self.recovery.restarts,
+            "torch_threads": torch.get_num_threads(), "sgld_backend": self.sampler.backend, "restarts": self.recovery.restarts,
             "out": str(self.out), "stop_signal": self.stop_signal, "config": self.cfg.to_dict(),
         }
         write_json(summary, self.out / "summary.json")
