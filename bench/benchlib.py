@@ -34,6 +34,9 @@ STEP_SIZE, NOISE = 1.0, 0.01
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, per GPU
 
 
+LAYOUTS = ("nchw", "channels_last")
+
+
 def full_mode(config) -> bool:
     return bool(config.getoption("--bench-full")) or os.environ.get("JEMFAST_BENCH_FULL", "") not in ("", "0")
 
@@ -70,6 +73,23 @@ def make_model(w: Workload, device: torch.device, seed: int = 0) -> JEM:
 def make_x(w: Workload, device: torch.device, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return (torch.rand((w.batch, *w.shape), generator=g) * 2 - 1).to(device)
+
+
+def to_layout(model: nn.Module, x: torch.Tensor, layout: str) -> torch.Tensor:
+    """Put a conv model (in place) and its 4-D input in ``layout`` (``nchw`` | ``channels_last``);
+    returns the input. Channels-last is what cuDNN's bf16/TF32 convolution kernels read natively."""
+    if layout == "channels_last":
+        model.to(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def float_mode(precision: str, device: torch.device) -> str:
+    """How the network's arithmetic runs, as results label it: ``bf16 autocast``, ``fp32 (TF32)``
+    on CUDA (the benchmarks' default float mode, PyTorch's default for convolutions) or ``fp32``."""
+    if precision == "bf16":
+        return "bf16 autocast"
+    return "fp32 (TF32)" if device.type == "cuda" else "fp32"
 
 
 def forward_macs(model: nn.Module, shape: tuple[int, ...], device: torch.device) -> int:
@@ -166,9 +186,15 @@ class OriginalDesign:
     description and DESIGN.md, not copied): the replay buffer lives on the CPU; each iteration
     draws indices and re-init noise on the CPU, copies the batch to the device, runs 20 SGLD
     steps with ``torch.autograd.grad`` on ``x.requires_grad_()`` in eager fp32, copies the
-    result back to the CPU buffer, and trains on three forward passes (real batch for E(x),
-    the labelled batch for cross-entropy, the fake batch for E(x_fake)) with Adam. The caller
-    sets the float mode (:func:`strict_fp32` for the V100-era original, :func:`tf32`)."""
+    result back to the CPU buffer, and takes an Adam step. The caller sets the float mode
+    (:func:`strict_fp32` for the V100-era original, :func:`tf32`).
+
+    Same work as jemfast's ``train_step``: the labelled batch gives both the cross-entropy and
+    E(x_real), so there are two forward passes of B images (real, fake) where jemfast runs one of
+    2B. The original JEM code draws a separate unlabelled batch for E(x_real), a third forward
+    and backward of B images: by the cost model (an SGLD step is 2 forwards, a training
+    forward+backward 3) that is 49 forward-equivalents per image instead of 46, ~6.5 % more work,
+    which this baseline does not charge to the original design."""
 
     def __init__(self, model: JEM, shape: tuple[int, ...], device: torch.device, capacity: int = 10000,
                  reinit: float = 0.05, lr: float = 1e-4) -> None:
@@ -192,11 +218,12 @@ class OriginalDesign:
         self.buffer[idx] = out.cpu()  # device -> host copy: a sync every iteration
         return out
 
-    def step(self, x_real: torch.Tensor, x_lab: torch.Tensor, y_lab: torch.Tensor) -> None:
-        x_fake = self.sample(x_real.shape[0])
-        e_real = self.model.energy(x_real).mean()
+    def step(self, x_lab: torch.Tensor, y_lab: torch.Tensor) -> None:
+        x_fake = self.sample(x_lab.shape[0])
+        logits = self.model(x_lab)
+        e_real = -torch.logsumexp(logits, dim=1).mean()
         e_fake = self.model.energy(x_fake).mean()
-        loss = torch.nn.functional.cross_entropy(self.model(x_lab), y_lab) + (e_real - e_fake)
+        loss = torch.nn.functional.cross_entropy(logits, y_lab) + (e_real - e_fake)
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()

@@ -11,6 +11,12 @@ as anything else ran (a quick-mode run took 7 min instead of 2), so single-threa
 the reproducible ones; set ``JEMFAST_BENCH_THREADS=0`` for torch's default. The thread count and
 the 1-minute load average are recorded with every result. On a CUDA machine torch's default is
 kept unless ``JEMFAST_BENCH_THREADS`` is set.
+
+CUDA: ``torch.backends.cudnn.benchmark = True`` for the whole session (as the trainer sets it),
+so cuDNN picks convolution algorithms by timing them before a CUDA graph freezes them. Every
+benchmark makes its own chain (``chain_for``): one compiled step or one set of captures per
+workload, never one chain object seeing several shapes. Markers: ``compile`` on everything that
+runs Inductor (bench/gpu.sh's ``bench`` stage runs ``-m "not compile"``, ``bench-compile*`` the rest).
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import pytest
 import torch
 
 import benchlib
+import machine
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -37,6 +44,8 @@ def pytest_configure(config: pytest.Config) -> None:
     from torch import _dynamo
 
     _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 64)
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
     config._jemfast_results = {}
 
 
@@ -55,33 +64,42 @@ def loads(full):
     return benchlib.workloads(full)
 
 
-@pytest.fixture(scope="session")
-def chains(device):
-    """Chain functions per backend name, made once per session (so compiles/captures are reused)."""
-    from jemfast.backends import make_chain
+@pytest.fixture
+def chain_for(device):
+    """``chain_for(backend)``: a new chain function of ``backend`` for this benchmark alone."""
+    from jemfast.sgld import make_chain
 
-    cache: dict = {}
-
-    def get(backend: str):
-        if backend not in cache:
-            cache[backend] = make_chain(backend, device)[0]
-        return cache[backend]
-
-    return get
+    return lambda backend: make_chain(backend, device)[0]
 
 
 @pytest.fixture
 def record(benchmark, device, full, pytestconfig):
-    """``record(images, **info)``: after ``benchmark.pedantic`` ran, store images/s etc."""
+    """``record(images, flop_per_image=None, baseline=None, **info)``: after ``benchmark.pedantic``
+    ran, store images/s, the machine and ``info`` in ``extra_info``; with ``flop_per_image`` also
+    ``tflops`` and ``peak_fraction`` (of the dense bf16 spec peak), with ``baseline`` (another
+    benchmark's name) ``speedup_vs_original``. Returns images/s, or None under
+    ``--benchmark-disable`` (the function ran once, untimed: nothing to record)."""
 
-    def _record(images: int, **info) -> float:
-        median = benchmark.stats.stats.median
-        ips = images / median
+    def _record(images: int, flop_per_image: float | None = None, baseline: str | None = None,
+                **info) -> float | None:
+        if benchmark.stats is None:
+            return None
+        ips = images / benchmark.stats.stats.median
+        if flop_per_image:
+            info["tflops"] = ips * flop_per_image / 1e12
+            peak = benchlib.peak_bf16_tflops(device)
+            if peak:
+                info["peak_fraction"] = info["tflops"] / peak
+        base = pytestconfig._jemfast_results.get(baseline) if baseline else None
+        if base:
+            info["speedup_vs_original"] = ips / base["images_per_s"]
         benchmark.extra_info.update({
             "images_per_s": ips, "images_per_round": images, "device": str(device),
             "device_name": benchlib.device_name(device), "mode": "full" if full else "quick",
             "torch_threads": torch.get_num_threads(), "loadavg_1min": os.getloadavg()[0],
-            "torch_version": torch.__version__, **info})
+            "torch_version": torch.__version__, "versions": machine.versions(),
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "command": os.environ.get("JEMFAST_STAGE_COMMAND", "pytest bench/"), **info})
         pytestconfig._jemfast_results[benchmark.name] = dict(benchmark.extra_info)
         return ips
 

@@ -19,7 +19,7 @@ from jemfast.energy import JEM
 from jemfast.build import build_optimizer
 from jemfast.step import train_step
 from jemfast.models import build_classifier
-from jemfast.sampler import SGLD
+from jemfast.sgld import SGLD
 from jemfast.stability import DivergenceMonitor
 
 

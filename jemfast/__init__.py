@@ -3,6 +3,12 @@
 Training entry point: ``from jemfast.train import train`` (or ``python -m jemfast.train``).
 """
 import os as _os
+import sys as _sys
+
+from .interrupt import quiet_startup_signals as _quiet_startup_signals
+
+if _sys.argv[:1] == ["-m"]:  # `python -m jemfast.<cli>` is starting: a signal now exits quietly
+    _quiet_startup_signals()
 
 __version__ = "0.1.0"
 
@@ -22,6 +28,6 @@ from .buffer import ReplayBuffer  # noqa: E402
 from .checkpoint import load_checkpoint  # noqa: E402
 from .config import Config  # noqa: E402
 from .energy import JEM  # noqa: E402
-from .sampler import SGLD  # noqa: E402
+from .sgld import SGLD  # noqa: E402
 
 __all__ = ["JEM", "ReplayBuffer", "SGLD", "Config", "load_checkpoint", "__version__"]

@@ -6,6 +6,7 @@ so a checkpoint is always read back into exactly what wrote it.
 from __future__ import annotations
 
 import random
+from typing import Callable
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from .config import Config
 from .energy import JEM
 from .errors import UserError
 from .models import build_classifier
-from .sampler import SGLD
+from .sgld import SGLD
 
 
 def resolve_device(name: str) -> torch.device:
@@ -56,11 +57,15 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
-def build_buffer(cfg: Config, input_shape: tuple[int, ...], n_classes: int, device: torch.device) -> ReplayBuffer:
+def build_buffer(cfg: Config, input_shape: tuple[int, ...], n_classes: int, device: torch.device,
+                 init_fn: Callable[[int, torch.Tensor | None], torch.Tensor] | None = None) -> ReplayBuffer:
+    """The replay buffer; ``init_fn`` (see :mod:`jemfast.init_dist`) replaces U(-1, 1) for fresh chains."""
     s = cfg.sampler
-    return ReplayBuffer(s.buffer_size, input_shape, n_classes if s.class_cond else None, s.reinit_freq, device)
+    return ReplayBuffer(s.buffer_size, input_shape, n_classes if s.class_cond else None, s.reinit_freq, device,
+                        init_fn=init_fn)
 
 
 def build_sampler(cfg: Config) -> SGLD:
     s = cfg.sampler
-    return SGLD(s.n_steps, s.step_size, s.noise_std, s.backend, precision=cfg.run.precision)
+    return SGLD(s.n_steps, s.step_size, s.noise_std, s.backend, precision=cfg.run.precision,
+                channels_last=cfg.run.channels_last)

@@ -6,7 +6,7 @@ weights_only=True)`` reads it; a file carrying any other pickled object is refus
 
     format_version, jemfast_version, config (Config.to_dict()), input_shape, n_classes,
     model (state_dict), optimizer (state_dict), buffer (ReplayBuffer.state_dict()),
-    sampler (SGLD state: n_steps), recovery (restarts, lr_scale, sgld_steps_factor),
+    sampler (SGLD.state_dict(): n_steps, kernel Philox state), recovery (restarts, lr_scale, sgld_steps_factor),
     rng {torch, cuda, numpy, python}, step, epoch, batch_in_epoch, best_valid_acc, seed
 
 Format 1 (jemfast 0.1 before this layout) kept the learning-rate factor under
@@ -36,7 +36,7 @@ from .build import build_buffer, build_model
 from .config import Config
 from .buffer import ReplayBuffer
 from .errors import UserError
-from .sampler import SGLD
+from .sgld import SGLD
 from .stability import RecoveryState
 
 FORMAT_VERSION = 2
@@ -135,7 +135,7 @@ def training_state(cfg: Config, input_shape: tuple[int, ...], n_classes: int, mo
         "format_version": FORMAT_VERSION, "jemfast_version": __version__, "config": cfg.to_dict(),
         "input_shape": list(input_shape), "n_classes": n_classes, "model": model.state_dict(),
         "optimizer": optimizer.state_dict(), "buffer": buffer.state_dict(),
-        "sampler": {"n_steps": sampler.n_steps}, "recovery": recovery.state_dict(),
+        "sampler": sampler.state_dict(), "recovery": recovery.state_dict(),
         "rng": rng_state(), **dataclasses.asdict(progress),
     }
 
@@ -148,7 +148,7 @@ def restore_training_state(ckpt: dict[str, Any], model: nn.Module, optimizer: to
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     buffer.load_state_dict(ckpt["buffer"])
-    sampler.n_steps = int(ckpt["sampler"]["n_steps"])
+    sampler.load_state_dict(ckpt["sampler"])  # n_steps and the fused/graph kernel noise state
     for f in dataclasses.fields(progress):
         setattr(progress, f.name, type(getattr(progress, f.name))(ckpt[f.name]))
     if recovery is not None:

@@ -1,4 +1,9 @@
-"""Run configuration: nested dataclasses, validated in one place (:func:`validate`).
+"""Run configuration: nested dataclasses, declared and validated in one place.
+
+Each field carries its flag, help and bounds (:func:`jemfast.schema.option`); ``python -m
+jemfast.train``'s flags and :func:`validate` are generated from them. Build configs with
+:func:`build_config` (defaults < preset < dotted overrides), :meth:`Config.from_dict` or
+:meth:`Config.with_overrides`; check single values with :func:`check_value`.
 
 Defaults are the JEM paper's (WRN-28-10, batch 64, Adam 1e-4, 150 epochs, buffer 10,000,
 reinit 0.05, 20 SGLD steps, step size 1, noise 0.01). The small embedded datasets (digits,
@@ -6,10 +11,13 @@ toy2d) carry their own presets (:data:`DATASET_PRESETS`) that a user's explicit 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
-import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
+
+from .errors import one_line
+from .schema import Kind, check_field, check_fields, declared, label_of, option, show
 
 DATASETS = ("cifar10", "cifar100", "svhn", "digits", "toy2d")
 MODELS = ("wrn", "cnn", "mlp")
@@ -18,93 +26,150 @@ OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "reference", "fused", "graph", "compile")
 PRECISIONS = ("fp32", "bf16")
+SGLD_INITS = ("buffer", "noise")
+INIT_DISTS = ("uniform", "informative")
 
 
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding takes seeds below 2**32
+
+
+def _wrn_depth(d: int) -> str | None:
+    return None if (d - 4) % 6 == 0 else f"WRN depth must be 6n+4 (10, 16, 22, 28, ...), got {d}"
+
+
+def _not_empty(s: str) -> str | None:
+    return None if s.strip() else "must be a directory path"
+
+
+# Each field is declared once: default, flag, help and bounds (jemfast.schema.option). The
+# command line (jemfast.cli) and validate() are generated from these declarations. Upper bounds
+# keep absurd values (1e12 rows, 2**64 seeds) from reaching an allocator or an RNG.
 @dataclass
 class DataConfig:
-    dataset: str = "cifar10"
-    data_dir: str = "./data"
-    noise_std: float = 0.03  # N(0, sigma) added to training images (paper: 0.03)
-    augment: bool = True  # flips/crops for CIFAR (crops only for SVHN)
-    n_valid: int = 5000  # images held out of the torchvision train split for validation
-    num_workers: int = 2
+    dataset: str = option("cifar10", "--dataset", "dataset (digits and toy2d set their presets)", choices=DATASETS)
+    data_dir: str = option("./data", "--data-dir", "where torchvision datasets are downloaded", check=_not_empty)
+    noise_std: float = option(0.03, "--data-noise", "std of N(0, s) added to training images (paper 0.03)",
+                              lo=0.0, hi=10.0)
+    augment: bool = option(True, "--augment", "flips/crops for CIFAR (crops only for SVHN)")
+    n_valid: int = option(5000, "--n-valid", "images held out of the torchvision train split for validation",
+                          lo=0, hi=10_000_000)
+    num_workers: int = option(2, "--num-workers", "data loader worker processes", lo=0, hi=256)
+    labels_per_class: int = option(0, "--labels-per-class",
+                                   "semi-supervised: only this many training images per class keep their label "
+                                   "(fixed stratified choice); every training image feeds p(x) as a separate "
+                                   "batch (0: all labelled, one batch)", lo=0, hi=10_000_000)
 
 
 @dataclass
 class ModelConfig:
-    name: str = "wrn"
-    depth: int = 28
-    width: int = 10
-    norm: str = "none"
-    dropout: float = 0.0
-    hidden: int = 128  # width of the CNN's first layer / the MLP's hidden layers
+    name: str = option("wrn", "--model", "classifier", choices=MODELS)
+    depth: int = option(28, "--depth", "WRN depth (6n+4)", lo=10, hi=1000, check=_wrn_depth)
+    width: int = option(10, "--width", "WRN widen factor", lo=1, hi=64)
+    norm: str = option("none", "--norm", "WRN normalization", choices=NORMS)
+    dropout: float = option(0.0, "--dropout", "WRN dropout rate", lo=0.0, lt=1.0)
+    hidden: int = option(128, "--hidden", "CNN first-layer channels / MLP width", lo=1, hi=65536)
 
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adam"
-    lr: float = 1e-4
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    epochs: int = 150
-    batch_size: int = 64
-    warmup_iters: int = 1000
-    decay_epochs: tuple[int, ...] = (50, 100)
-    decay_rate: float = 0.3
+    optimizer: str = option("adam", "--optimizer", "optimizer", choices=OPTIMIZERS)
+    lr: float = option(1e-4, "--lr", "learning rate", gt=0.0, hi=10.0)
+    momentum: float = option(0.9, "--momentum", "SGD momentum", lo=0.0, hi=1.0)
+    weight_decay: float = option(0.0, "--weight-decay", "weight decay", lo=0.0, hi=10.0)
+    epochs: int = option(150, "--epochs", "training epochs", lo=1, hi=100_000)
+    batch_size: int = option(64, "--batch-size", "images per iteration (real and fake each)", lo=1, hi=65536)
+    warmup_iters: int = option(1000, "--warmup-iters", "linear learning-rate warm-up iterations",
+                               lo=0, hi=100_000_000)
+    decay_epochs: tuple[int, ...] = option((50, 100), "--decay-epochs",
+                                           "epochs at which lr is multiplied by --decay-rate", lo=1, hi=100_000,
+                                           metavar="E1,E2,...")
+    decay_rate: float = option(0.3, "--decay-rate", "learning-rate decay factor", gt=0.0, hi=10.0)
 
 
 @dataclass
 class SamplerConfig:
-    n_steps: int = 20
-    step_size: float = 1.0
-    noise_std: float = 0.01
-    buffer_size: int = 10000
-    reinit_freq: float = 0.05
-    class_cond: bool = False
-    backend: str = "reference"
+    n_steps: int = option(20, "--sgld-steps", "SGLD steps per iteration", lo=1, hi=100_000)
+    step_size: float = option(1.0, "--sgld-step-size", "SGLD step size alpha", gt=0.0, hi=1e6)
+    noise_std: float = option(0.01, "--sgld-noise", "SGLD noise std sigma", lo=0.0, hi=1e3)
+    buffer_size: int = option(10000, "--buffer-size", "replay buffer capacity (rows)", lo=1, hi=10_000_000)
+    reinit_freq: float = option(0.05, "--reinit-freq", "probability a drawn chain restarts from U(-1,1)",
+                                lo=0.0, hi=1.0)
+    class_cond: bool = option(False, "--class-cond", "class-conditional buffer and SGLD")
+    sgld_init: str = option("buffer", "--sgld-init",
+                            "where chains start: buffer (PCD) or noise (short-run chains from the --init "
+                            "distribution every iteration; the buffer is unused)", choices=SGLD_INITS)
+    init_dist: str = option("uniform", "--init",
+                            "distribution of fresh chains: uniform U(-1,1) or informative (JEM++: per-class "
+                            "Gaussian fitted to the training split)", choices=INIT_DISTS)
+    backend: str = option("reference", "--backend", "SGLD backend", choices=BACKENDS)
 
 
 @dataclass
 class LossConfig:
-    p_x_weight: float = 1.0
-    p_y_given_x_weight: float = 1.0
+    p_x_weight: float = option(1.0, "--p-x-weight", "weight of the generative term E(real) - E(fake)",
+                               lo=0.0, hi=1e6)
+    p_y_given_x_weight: float = option(1.0, "--p-y-given-x-weight", "weight of cross-entropy", lo=0.0, hi=1e6)
+    p_x_given_y_weight: float = option(0.0, "--p-x-given-y-weight",
+                                       "weight of the class-conditional term E(real, y) - E(fake_y, y) "
+                                       "(fake_y sampled given y)", lo=0.0, hi=1e6)
+    clf_only: bool = option(False, "--clf-only", "cross-entropy only: no SGLD, buffer unused "
+                            "(p(x) and p(x|y) weights treated as 0)", action="store_true")
 
 
 @dataclass
 class StabilityConfig:
     """Divergence detection and automatic recovery (see jemfast.stability)."""
 
-    check_every: int = 10  # iterations between (host-synchronising) reads of the flags
-    max_restarts: int = 4
-    max_loss: float = 1e4  # |loss| above this is divergence
-    max_energy_gap: float = 1e4  # |E(real) - E(fake)| above this is divergence
-    max_sample_abs: float = 1e3  # max |x_fake| above this is divergence
-    max_grad_norm: float = 1e5  # global gradient L2 norm above this is divergence
+    check_every: int = option(10, "--check-every", "iterations between (host-synchronising) divergence checks",
+                              lo=1, hi=1_000_000)
+    max_restarts: int = option(4, "--max-restarts", "automatic restarts after divergence", lo=0, hi=1000)
+    max_loss: float = option(1e4, "--max-loss", "|loss| above this counts as divergence", gt=0.0)
+    max_energy_gap: float = option(1e4, "--max-energy-gap", "|E(real)-E(fake)| above this counts as divergence",
+                                   gt=0.0)
+    max_sample_abs: float = option(1e3, "--max-sample-abs", "max |x_fake| above this counts as divergence", gt=0.0)
+    max_grad_norm: float = option(1e5, "--max-grad-norm", "gradient L2 norm above this counts as divergence",
+                                  gt=0.0)
     # Relative tests (jemfast.stability): log(1 + |energy gap|) or log(1 + grad norm) more than
-    # relative_z robust stds above the median of the last relative_window iterations.
-    relative_z: float = 8.0  # 0 turns the relative tests off
-    relative_window: int = 200  # iterations of history
-    relative_warmup: int = 50  # iterations seen before the relative tests start
-    good_ring: int = 3  # good checkpoints kept on disk
-    inject_divergence: int = -1  # testing aid: make the run diverge at this iteration
+    # relative_z robust stds above its median over the last relative_window iterations.
+    relative_z: float = option(8.0, "--relative-z",
+                               "divergence: |E(real)-E(fake)| or the gradient norm this many robust stds (log "
+                               "scale) above its median over the last --relative-window iterations (0: off)",
+                               lo=0.0, hi=1e6)
+    relative_window: int = option(200, "--relative-window", "iterations of history for --relative-z",
+                                  lo=1, hi=100_000)
+    relative_warmup: int = option(50, "--relative-warmup",
+                                  "iterations seen (again after each restart) before --relative-z applies",
+                                  lo=1, hi=100_000_000)
+    good_ring: int = option(3, "--good-ring", "good checkpoints kept on disk", lo=1, hi=1000)
+    inject_divergence: int = option(-1, "--inject-divergence",
+                                    "TESTING AID: make the run diverge at this iteration (-1: never)", lo=-1)
 
 
 @dataclass
 class RunConfig:
-    device: str = "auto"
-    seed: int = 1
-    out: str = "runs/jem"
-    resume: bool = False
-    overwrite: bool = False
-    eval_every: int = 1  # epochs between validation passes
-    sample_every: int = 500  # iterations between sample-grid PNGs (and at each epoch end)
-    log_every: int = 10  # iterations between metrics.jsonl lines
-    ckpt_every: int = 0  # iterations between mid-epoch checkpoints (0: epoch ends only)
-    precision: str = "fp32"
-    compile: bool = False
-    channels_last: bool = False
-    progress: bool = True
-    threads: int = 0  # torch CPU threads; 0: auto (jemfast.threads)
+    device: str = option("auto", "--device", "device", choices=DEVICES)
+    seed: int = option(1, "--seed", "random seed", lo=0, hi=SEED_MAX)
+    out: str = option("runs/jem", "--out", "output directory", check=_not_empty)
+    resume: bool = option(False, "--resume", "continue the run in --out from its last good checkpoint",
+                          action="store_true")
+    overwrite: bool = option(False, "--overwrite", "replace a run already in --out", action="store_true")
+    eval_every: int = option(1, "--eval-every", "epochs between validation passes", lo=1, hi=100_000)
+    sample_every: int = option(500, "--sample-every", "iterations between sample grids (and at each epoch end)",
+                               lo=1)
+    log_every: int = option(10, "--log-every", "iterations between metrics.jsonl lines", lo=1)
+    ckpt_every: int = option(0, "--ckpt-every", "iterations between mid-epoch checkpoints (0: epoch ends only)",
+                             lo=0)
+    precision: str = option("fp32", "--precision", "SGLD/model precision", choices=PRECISIONS)
+    compile: bool = option(False, "--compile", "torch.compile the training step and use the fastest SGLD backend",
+                           action="store_true")
+    channels_last: bool = option(False, "--channels-last", "channels-last memory format for conv nets",
+                                 action="store_true")
+    progress: bool = option(True, "--no-progress", "no progress bar", action="store_false")
+    threads: int = option(0, "--threads", "torch CPU threads (0: auto: torch's count, at most the CPUs this "
+                          "process may use; jemfast.threads)", lo=0, hi=65536)
+
+
+SECTIONS = ("data", "model", "optim", "sampler", "loss", "stability", "run")
 
 
 @dataclass
@@ -118,24 +183,31 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
+        """``{section: {field: value}}`` of plain Python values (tuples stay tuples)."""
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Config":
-        """Inverse of :meth:`to_dict`; unknown keys raise ValueError."""
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            sub = d.get(f.name, {})
-            sub_cls = type(getattr(cls(), f.name))
-            names = {sf.name for sf in dataclasses.fields(sub_cls)}
-            unknown = set(sub) - names
-            if unknown:
-                raise ValueError(f"{f.name}: unknown field(s) {sorted(unknown)}")
-            sub = dict(sub)
-            if "decay_epochs" in sub:
-                sub["decay_epochs"] = tuple(sub["decay_epochs"])
-            kwargs[f.name] = sub_cls(**sub)
-        return cls(**kwargs)
+    def from_dict(cls, d: Mapping[str, Any]) -> "Config":
+        """The validated Config of a :meth:`to_dict` mapping (missing fields keep their
+        defaults). Unknown sections or fields and bad values raise ValueError."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"config: expected a mapping of sections, got {show(d)}")
+        unknown = set(d) - set(SECTIONS)
+        if unknown:
+            raise ValueError(f"config: unknown section(s) {sorted(map(str, unknown))}")
+        flat = {}
+        for section, sub in d.items():
+            if not isinstance(sub, Mapping):
+                raise ValueError(f"config.{section}: expected a mapping of fields, got {show(sub)}")
+            flat.update({f"{section}.{name}": v for name, v in sub.items()})
+        return cls().with_overrides(flat)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "Config":
+        """A validated copy with dotted keys set: ``cfg.with_overrides({"sampler.n_steps": 40})``."""
+        cfg = copy.deepcopy(self)
+        for key, value in overrides.items():
+            set_dotted(cfg, key, value)
+        return validate(cfg)
 
 
 # Presets for the embedded datasets, chosen so the quickstart trains in minutes on a CPU.
@@ -170,10 +242,11 @@ DATASET_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def set_dotted(cfg: Config, key: str, value: Any) -> None:
-    section, name = key.split(".")
-    sub = getattr(cfg, section)
-    if not hasattr(sub, name):
-        raise ValueError(f"{key}: no such config field")
+    """Set ``cfg.<section>.<field> = value`` (unchecked; :func:`validate` checks)."""
+    section, _, name = str(key).partition(".")
+    sub = getattr(cfg, section, None) if section in SECTIONS else None
+    if sub is None or name not in {f.name for f in dataclasses.fields(sub)}:
+        raise ValueError(f"{one_line(repr(key), 80)}: no such config field (section.field, e.g. sampler.n_steps)")
     setattr(sub, name, value)
 
 
@@ -184,78 +257,58 @@ def apply_preset(cfg: Config) -> Config:
     return cfg
 
 
-def _check(ok: bool, name: str, msg: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}: {msg}")
+def build_config(overrides: Mapping[str, Any] | None = None) -> Config:
+    """The validated Config of the paper's defaults < the dataset's preset < ``overrides``
+    (dotted keys; ``data.dataset`` among them picks the preset). ``run.compile`` with the
+    reference SGLD backend switches to ``auto`` (the fastest available), as ``--compile`` says."""
+    overrides = dict(overrides or {})
+    cfg = Config()
+    if "data.dataset" in overrides:
+        cfg.data.dataset = check_value("data.dataset", overrides["data.dataset"])
+    cfg = apply_preset(cfg).with_overrides(overrides)
+    if cfg.run.compile and cfg.sampler.backend == "reference":
+        cfg.sampler.backend = "auto"
+    return cfg
 
 
-def _finite(name: str, v: float) -> None:
-    _check(isinstance(v, (int, float)) and math.isfinite(v), name, f"must be a finite number, got {v!r}")
+_FIELDS = {key: (f, kind) for key, f, kind in declared(Config)}
+FLAGS_BY_KEY = {key: f.metadata["flag"] for key, (f, _) in _FIELDS.items()}
 
 
-def _positive(name: str, v: float) -> None:
-    _finite(name, v)
-    _check(v > 0, name, f"must be > 0, got {v!r}")
+def field_rules(key: str) -> dict[str, Any]:
+    """The declaration of config field ``key`` (dotted): flag, help, bounds, choices."""
+    if key not in _FIELDS:
+        raise ValueError(f"{one_line(repr(key), 80)}: no such config field (section.field, e.g. sampler.n_steps)")
+    return dict(_FIELDS[key][0].metadata)
 
 
-def _choice(name: str, v: str, options: tuple[str, ...]) -> None:
-    _check(v in options, name, f"must be one of {', '.join(options)}; got {v!r}")
+def field_kind(key: str) -> Kind:
+    """The type of config field ``key`` (dotted)."""
+    field_rules(key)
+    return _FIELDS[key][1]
+
+
+def check_value(key: str, value: Any, name: str | None = None) -> Any:
+    """``value`` checked against config field ``key``'s declaration and normalised to plain
+    Python types (numpy scalars become int/float). Library classes call this so their argument
+    checks are the config's: ``check_value("sampler.n_steps", n_steps, "n_steps")``. ``name``
+    replaces the flag in the message. Raises ValueError."""
+    f, kind = _FIELDS.get(key, (None, None))
+    if f is None:
+        field_rules(key)
+    return check_field(f.metadata, kind, value, name or label_of(key, f, True), key)
 
 
 def validate(cfg: Config) -> Config:
-    """Check every field; raise ValueError naming the first bad one. Returns ``cfg``."""
-    d, m, o, s, l, st, r = cfg.data, cfg.model, cfg.optim, cfg.sampler, cfg.loss, cfg.stability, cfg.run
-    _choice("dataset", d.dataset, DATASETS)
-    _finite("data.noise_std", d.noise_std)
-    _check(d.noise_std >= 0, "data.noise_std", "must be >= 0")
-    _check(d.n_valid >= 0, "data.n_valid", "must be >= 0")
-    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
-    _choice("model", m.name, MODELS)
-    _choice("model.norm", m.norm, NORMS)
-    _check(m.depth >= 10 and (m.depth - 4) % 6 == 0, "model.depth", f"WRN depth must be 6n+4 >= 10, got {m.depth}")
-    _check(m.width >= 1, "model.width", f"must be >= 1, got {m.width}")
-    _check(m.hidden >= 1, "model.hidden", f"must be >= 1, got {m.hidden}")
-    _finite("model.dropout", m.dropout)
-    _check(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
-    _choice("optimizer", o.optimizer, OPTIMIZERS)
-    _positive("lr", o.lr)
-    _finite("momentum", o.momentum)
-    _finite("weight_decay", o.weight_decay)
-    _check(o.weight_decay >= 0, "weight_decay", "must be >= 0")
-    _check(o.epochs >= 1, "epochs", f"must be >= 1, got {o.epochs}")
-    _check(o.batch_size >= 1, "batch_size", f"must be >= 1, got {o.batch_size}")
-    _check(o.warmup_iters >= 0, "warmup_iters", f"must be >= 0, got {o.warmup_iters}")
-    _check(all(e >= 1 for e in o.decay_epochs), "decay_epochs", "must be positive epochs")
-    _positive("decay_rate", o.decay_rate)
-    _check(s.n_steps >= 1, "sgld_steps", f"must be >= 1, got {s.n_steps}")
-    _positive("sgld_step_size", s.step_size)
-    _finite("sgld_noise", s.noise_std)
-    _check(s.noise_std >= 0, "sgld_noise", f"must be >= 0, got {s.noise_std}")
-    _check(s.buffer_size >= 1, "buffer_size", f"must be >= 1, got {s.buffer_size}")
-    _finite("reinit_freq", s.reinit_freq)
-    _check(0 <= s.reinit_freq <= 1, "reinit_freq", f"must be in [0, 1], got {s.reinit_freq}")
-    _choice("backend", s.backend, BACKENDS)
-    _finite("p_x_weight", l.p_x_weight)
-    _finite("p_y_given_x_weight", l.p_y_given_x_weight)
-    _check(l.p_x_weight >= 0 and l.p_y_given_x_weight >= 0, "loss weights", "must be >= 0")
-    _check(st.check_every >= 1, "check_every", f"must be >= 1, got {st.check_every}")
-    _check(st.max_restarts >= 0, "max_restarts", f"must be >= 0, got {st.max_restarts}")
-    for name in ("max_loss", "max_energy_gap", "max_sample_abs", "max_grad_norm"):
-        _positive(name, getattr(st, name))
-    _finite("relative_z", st.relative_z)
-    _check(st.relative_z >= 0, "relative_z", f"must be >= 0 (0: off), got {st.relative_z!r}")
-    _check(st.relative_window >= 1, "relative_window", f"must be >= 1, got {st.relative_window}")
-    _check(st.relative_warmup >= 1, "relative_warmup", f"must be >= 1, got {st.relative_warmup}")
-    _check(st.good_ring >= 1, "good_ring", f"must be >= 1, got {st.good_ring}")
-    _choice("device", r.device, DEVICES)
-    _check(r.seed >= 0, "seed", f"must be >= 0, got {r.seed}")
-    _check(bool(r.out), "out", "must be a directory path")
-    _check(r.eval_every >= 1, "eval_every", f"must be >= 1, got {r.eval_every}")
-    _check(r.sample_every >= 1, "sample_every", f"must be >= 1, got {r.sample_every}")
-    _check(r.log_every >= 1, "log_every", f"must be >= 1, got {r.log_every}")
-    _check(r.ckpt_every >= 0, "ckpt_every", f"must be >= 0, got {r.ckpt_every}")
-    _choice("precision", r.precision, PRECISIONS)
-    _check(r.threads >= 0, "threads", f"must be >= 0 (0: auto), got {r.threads}")
-    if s.class_cond and s.buffer_size < 2:
-        raise ValueError("buffer_size: class-conditional sampling needs room for every class")
+    """Check every field against its declaration, normalising values in place to plain Python
+    types; raise ValueError naming the first bad one by flag and field. Returns ``cfg``."""
+    if not isinstance(cfg, Config):
+        raise ValueError(f"config: expected a Config, got {show(cfg)}")
+    check_fields(cfg)
+    if cfg.sampler.class_cond and cfg.sampler.buffer_size < 2:
+        raise ValueError("--buffer-size (sampler.buffer_size): class-conditional sampling needs room for every class")
+    if (cfg.loss.p_x_given_y_weight > 0 and not cfg.loss.clf_only and cfg.sampler.sgld_init == "buffer"
+            and not cfg.sampler.class_cond):
+        raise ValueError("--p-x-given-y-weight (loss.p_x_given_y_weight) > 0 samples given y from the buffer: "
+                         "add --class-cond (or use --sgld-init noise)")
     return cfg

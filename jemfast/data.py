@@ -9,6 +9,11 @@
 Training batches go through :meth:`DataBundle.prepare_train`: augmentation (reflect-pad 4 +
 random 32x32 crop, horizontal flip except SVHN), batched on the device, then the paper's
 N(0, noise_std) noise (noise_std 0.03 in units of the [-1, 1] pixel scale).
+
+Semi-supervised runs (``--labels-per-class N``) keep a labelled subset of the training split
+(:attr:`DataBundle.labelled`: N images per class, a fixed stratified choice that depends on no
+run seed); its batches come from :meth:`Split.cycled_batch`, while the whole training split,
+labels unused, feeds the p(x) term and sets the epoch length.
 """
 from __future__ import annotations
 
@@ -57,6 +62,18 @@ class Split:
             idx = order[b * batch_size:(b + 1) * batch_size]
             yield self.x[idx], self.y[idx]
 
+    def cycled_batch(self, batch_size: int, order_seed: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``b`` (0-based) of an endless stream of reshuffles of this split: shuffle k of
+        the stream is the permutation of seed ``(order_seed, k)``, so a batch depends only on
+        ``order_seed`` and ``b`` (a resumed epoch replays it). ``batch_size`` may exceed ``len(self)``."""
+        n = len(self)
+        start, stop = b * batch_size, (b + 1) * batch_size
+        first = start // n
+        perms = [torch.randperm(n, generator=torch.Generator().manual_seed((order_seed * 1_000_003 + k) % 2**63))
+                 for k in range(first, (stop - 1) // n + 1)]
+        idx = torch.cat(perms)[start - first * n:stop - first * n].to(self.x.device)
+        return self.x[idx], self.y[idx]
+
 
 @dataclass
 class DataBundle:
@@ -69,6 +86,8 @@ class DataBundle:
     augment_flip: bool = False
     augment_crop: bool = False
     noise_std: float = 0.0
+    labelled: Split | None = None  # semi-supervised: the labelled subset of ``train`` (None: all)
+    labelled_idx: torch.Tensor | None = None  # its rows in ``train``, Tensor[n_classes * N] int64
 
     def prepare_train(self, x: torch.Tensor) -> torch.Tensor:
         """A training batch ``x: Tensor[B, *shape]`` augmented and with N(0, noise_std) added."""
@@ -85,6 +104,21 @@ class DataBundle:
             flip = torch.rand(x.shape[0], device=x.device) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
         return x
+
+
+def labelled_rows(y: torch.Tensor, per_class: int, n_classes: int, seed: int = 0) -> torch.Tensor:
+    """Sorted ``Tensor[n_classes * per_class] int64`` of rows of ``y``: ``per_class`` of each
+    class, drawn at random with a generator seeded by ``seed``. Raises UserError when a class
+    has fewer images."""
+    gen = torch.Generator().manual_seed(seed)
+    y = y.cpu()
+    chosen = []
+    for c in range(n_classes):
+        rows = (y == c).nonzero().squeeze(1)
+        if len(rows) < per_class:
+            raise UserError(f"--labels-per-class {per_class}: class {c} has only {len(rows)} training images")
+        chosen.append(rows[torch.randperm(len(rows), generator=gen)[:per_class]])
+    return torch.cat(chosen).sort().values
 
 
 def random_crop(x: torch.Tensor, pad: int) -> torch.Tensor:
@@ -136,27 +170,52 @@ def load_toy2d_bundle(device: torch.device) -> DataBundle:
     return DataBundle("toy2d", (2,), TOY_MODES, *splits)
 
 
-def _torchvision_arrays(name: str, data_dir: str, train: bool) -> tuple[np.ndarray, np.ndarray]:
+def uint8_to_unit_range(a: np.ndarray) -> np.ndarray:
+    """uint8 pixels 0..255 -> float32 in [-1, 1]."""
+    return a.astype(np.float32) / 255.0 * 2.0 - 1.0
+
+
+class DatasetUnavailable(UserError):
+    """A torchvision dataset is neither in ``data_dir`` nor downloadable; ``reason`` says why."""
+
+    def __init__(self, name: str, data_dir: str, reason: str) -> None:
+        super().__init__(f"could not load {name} into --data-dir {data_dir} ({reason}); "
+                         f"download it there by hand or try --dataset digits")
+        self.reason = reason
+
+
+def _torchvision_dataset(name: str, data_dir: str, train: bool):
+    """The torchvision dataset object, read from ``data_dir``; downloaded only when it is not
+    there (or fails torchvision's checksum)."""
     import torchvision
 
-    try:
-        if name == "svhn":
-            ds = torchvision.datasets.SVHN(data_dir, split="train" if train else "test", download=True)
-            return ds.data, np.asarray(ds.labels)  # data: [N, 3, 32, 32] uint8
+    if name == "svhn":
+        cls, kwargs = torchvision.datasets.SVHN, {"split": "train" if train else "test"}
+    else:
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-        ds = cls(data_dir, train=train, download=True)
-        return ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets)  # HWC -> CHW
+        kwargs = {"train": train}
+    try:
+        return cls(data_dir, download=False, **kwargs)
+    except RuntimeError:  # "Dataset not found or corrupted"
+        return cls(data_dir, download=True, **kwargs)
+
+
+def torchvision_arrays(name: str, data_dir: str, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(x: [N, 3, 32, 32] uint8, y: [N] int64)`` of a torchvision split (SVHN's label 10 is
+    already 0 there). Raises :class:`DatasetUnavailable`."""
+    try:
+        ds = _torchvision_dataset(name, data_dir, train)
     except Exception as exc:  # network errors, corrupt archives, read-only dirs
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"could not load {name} into --data-dir {data_dir} ({reason}); "
-                        f"download it there by hand or try --dataset digits") from None
+        raise DatasetUnavailable(name, data_dir, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    if name == "svhn":
+        return ds.data, np.asarray(ds.labels, dtype=np.int64)  # data: [N, 3, 32, 32]
+    return ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets, dtype=np.int64)  # HWC -> CHW
 
 
 def load_torchvision_bundle(cfg: DataConfig, device: torch.device) -> DataBundle:
-    x_tr, y_tr = _torchvision_arrays(cfg.dataset, cfg.data_dir, train=True)
-    x_te, y_te = _torchvision_arrays(cfg.dataset, cfg.data_dir, train=False)
-    to_float = lambda a: a.astype(np.float32) / 255.0 * 2.0 - 1.0  # noqa: E731
-    x_tr, x_te = to_float(x_tr), to_float(x_te)
+    x_tr, y_tr = torchvision_arrays(cfg.dataset, cfg.data_dir, train=True)
+    x_te, y_te = torchvision_arrays(cfg.dataset, cfg.data_dir, train=False)
+    x_tr, x_te = uint8_to_unit_range(x_tr), uint8_to_unit_range(x_te)
     perm = np.random.default_rng(0).permutation(len(y_tr))
     n_valid = min(cfg.n_valid, len(y_tr) - 1)
     train_idx, valid_idx = perm[:len(perm) - n_valid], perm[len(perm) - n_valid:]
@@ -175,4 +234,8 @@ def load_data(cfg: DataConfig, device: torch.device) -> DataBundle:
     else:
         bundle = load_torchvision_bundle(cfg, device)
     bundle.noise_std = cfg.noise_std
+    if cfg.labels_per_class > 0:
+        rows = labelled_rows(bundle.train.y, cfg.labels_per_class, bundle.n_classes).to(device)
+        bundle.labelled_idx = rows
+        bundle.labelled = Split(bundle.train.x[rows], bundle.train.y[rows])
     return bundle

@@ -29,6 +29,19 @@ def log_once(logger: logging.Logger, key: Hashable, message: str, level: int = l
     logger.log(level, message)
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is at the time of each record (pytest and
+    other tools swap it; a handler holding the old object would write to a closed stream)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D401
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 class _PrefixFormatter(logging.Formatter):
     def __init__(self, prog: str) -> None:
         super().__init__()
@@ -44,7 +57,7 @@ def setup_cli_logging(prog: str, level: int = logging.INFO) -> None:
     for h in list(logger.handlers):
         if getattr(h, "_jemfast_cli", False):
             logger.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderr()
     handler._jemfast_cli = True  # type: ignore[attr-defined]
     handler.setFormatter(_PrefixFormatter(prog))
     logger.addHandler(handler)

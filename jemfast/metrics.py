@@ -44,20 +44,23 @@ class MetricsLog:
     """Append-only JSONL writer for ``OUT/metrics.jsonl`` (flushed per line)."""
 
     def __init__(self, out: Path, resume_step: int | None = None) -> None:
+        """A new run starts an empty log; a resumed one keeps the lines up to ``resume_step``."""
         self.path = out / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             self._truncate_after(resume_step)
-        self._f = open(self.path, "a", encoding="utf-8")
+        self._f = open(self.path, "a" if resume_step is not None else "w", encoding="utf-8")
 
     def _truncate_after(self, step: int) -> None:
-        """Drop lines a crashed run wrote after the checkpoint we resume from."""
+        """Drop the iteration lines a killed run wrote after the checkpoint we resume from;
+        restart events are kept (the resumed run re-applies them, jemfast.resume)."""
         kept = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line torn by a kill
+            if isinstance(record, dict) and (record.get("step", 0) <= step or record.get("event") == "restart"):
+                kept.append(line)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
         os.replace(tmp, self.path)

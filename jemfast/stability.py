@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -69,6 +69,8 @@ class DivergenceMonitor:
     def __init__(self, cfg: StabilityConfig, device: torch.device) -> None:
         self.cfg = cfg
         self.flags = torch.zeros((), dtype=torch.int64, device=device)
+        # under torchrun: ORs the flags of every rank (jemfast.ddp_trainer), so all roll back together
+        self.reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._bits = 2 ** torch.arange(len(CAUSES), device=device)
         self.history = torch.zeros(2, cfg.relative_window, device=device)
         self.seen = 0
@@ -122,7 +124,7 @@ class DivergenceMonitor:
         A divergence also clears the history: the run is about to roll back (or stop), and the
         diverged stretch is no baseline; relative tests resume after a new warm-up.
         """
-        value = int(self.flags.item())
+        value = int(self.flags.item() if self.reduce is None else self.reduce(self.flags))
         self.flags.zero_()
         if value == 0:
             return None

@@ -3,6 +3,10 @@
 Loss (per batch of B labelled real images and B fake images from PCD)::
 
     L = p_y_given_x_weight * CE(f(x_real), y) + p_x_weight * (mean E(x_real) - mean E(x_fake))
+        [+ p_x_given_y_weight * (mean E(x_real, y) - mean E(x_fake_y, y))]
+
+with x_fake_y sampled given y. Semi-supervised runs pass a separate real batch for the p(x)
+term (E(x_real) is then over that batch); ``--clf-only`` keeps the cross-entropy alone (no SGLD).
 
 Everything :func:`train_step` returns stays on the device; nothing here syncs with the host.
 """
@@ -16,11 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .buffer import ReplayBuffer
-from .config import Config, OptimConfig
+from .config import Config, LossConfig, OptimConfig
 from .data import Split
 from .energy import energy_from_logits
 from .modes import autocast, eval_mode, precision_dtype
-from .sampler import SGLD
+from .sgld import SGLD
 
 
 def lr_at(o: OptimConfig, step: int, epoch: int, scale: float = 1.0) -> float:
@@ -42,34 +46,46 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 @dataclass
 class StepOutput:
     """Device tensors of one iteration: ``metrics`` maps a name to a device scalar (the names
-    are the columns of metrics.jsonl); ``x_fake: Tensor[B, *shape]`` or None when p_x_weight == 0."""
+    are the columns of metrics.jsonl); ``x_fake: Tensor[B, *shape]`` or None when no SGLD ran."""
 
     metrics: dict[str, torch.Tensor]
     x_fake: torch.Tensor | None
 
 
 def loss_terms(model: nn.Module, x: torch.Tensor, x_fake: torch.Tensor | None, y: torch.Tensor,
-               p_y_given_x_weight: float, p_x_weight: float, precision: str) -> dict[str, torch.Tensor]:
+               p_y_given_x_weight: float, p_x_weight: float, precision: str,
+               x_px: torch.Tensor | None = None, x_fake_y: torch.Tensor | None = None,
+               p_x_given_y_weight: float = 0.0) -> dict[str, torch.Tensor]:
     """Forward pass and loss of one iteration (what ``--compile`` compiles, with its backward).
 
-    Returns device scalars by name: loss, loss_ce, loss_px, e_real, e_fake, acc (fraction of
-    the real batch classified correctly).
+    ``x: Tensor[B, *shape]`` is the labelled batch with labels ``y``; ``x_px: Tensor[B', *shape]``
+    the separate real batch of the p(x) term (None: ``x`` doubles as it); ``x_fake`` the p(x)
+    term's samples; ``x_fake_y: Tensor[B, *shape]`` samples given ``y`` for the p(x|y) term.
+    All go through the model in one batch. Returns device scalars by name: loss, loss_ce,
+    loss_px, e_real, e_fake, acc (fraction of ``x`` classified correctly), and loss_pxy when
+    ``x_fake_y`` is given.
     """
-    b = x.shape[0]
-    inputs = x if x_fake is None else torch.cat([x, x_fake])
+    parts = [t for t in (x, x_px, x_fake, x_fake_y) if t is not None]
+    inputs = parts[0] if len(parts) == 1 else torch.cat(parts)
     with autocast(x.device, precision_dtype(precision)):
         logits = model(inputs).float()
-    logits_real = logits[:b]
+    pieces = iter(logits.split([t.shape[0] for t in parts]))
+    logits_real = next(pieces)
+    logits_px = next(pieces) if x_px is not None else logits_real
     loss_ce = F.cross_entropy(logits_real, y)
-    e_real = energy_from_logits(logits_real).mean()
+    e_real = energy_from_logits(logits_px).mean()
     if x_fake is not None:
-        e_fake = energy_from_logits(logits[b:]).mean()
+        e_fake = energy_from_logits(next(pieces)).mean()
         loss_px = e_real - e_fake
     else:
         e_fake = loss_px = torch.zeros((), device=x.device)
     loss = p_y_given_x_weight * loss_ce + p_x_weight * loss_px
     acc = (logits_real.argmax(1) == y).float().mean()
-    return {"loss": loss, "loss_ce": loss_ce, "loss_px": loss_px, "e_real": e_real, "e_fake": e_fake, "acc": acc}
+    out = {"loss": loss, "loss_ce": loss_ce, "loss_px": loss_px, "e_real": e_real, "e_fake": e_fake, "acc": acc}
+    if x_fake_y is not None:
+        out["loss_pxy"] = energy_from_logits(logits_real, y).mean() - energy_from_logits(next(pieces), y).mean()
+        out["loss"] = loss + p_x_given_y_weight * out["loss_pxy"]
+    return out
 
 
 _compiled_loss_terms = None
@@ -87,32 +103,64 @@ def compiled_loss_terms() -> Callable[..., dict[str, torch.Tensor]]:
     return _compiled_loss_terms
 
 
+def generative_weights(w: LossConfig) -> tuple[float, float]:
+    """``(p_x_weight, p_x_given_y_weight)`` in effect: both 0 with ``--clf-only``."""
+    return (0.0, 0.0) if w.clf_only else (w.p_x_weight, w.p_x_given_y_weight)
+
+
+def fake_batch(cfg: Config, model: nn.Module, sampler: SGLD, buffer: ReplayBuffer, n: int,
+               y: torch.Tensor | None) -> torch.Tensor:
+    """``Tensor[n, *shape]`` of SGLD samples (given ``y: Tensor[n]`` or None): PCD from the
+    buffer, or with ``--sgld-init noise`` a short-run chain from ``buffer.random_init`` (the
+    ``--init`` distribution; the buffer's rows are neither read nor written)."""
+    if cfg.sampler.sgld_init == "noise":
+        return sampler.run(model, buffer.random_init(n, y), y)
+    return sampler.sample(model, buffer, n, y)
+
+
+def _layout(cfg: Config, x: torch.Tensor | None) -> torch.Tensor | None:
+    if x is not None and cfg.run.channels_last and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def train_step(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, sampler: SGLD,
-               buffer: ReplayBuffer, x: torch.Tensor, y: torch.Tensor, n_classes: int) -> StepOutput:
+               buffer: ReplayBuffer, x: torch.Tensor, y: torch.Tensor, n_classes: int,
+               x_px: torch.Tensor | None = None, loss_model: nn.Module | None = None) -> StepOutput:
     """One JEM iteration on a labelled batch ``x: Tensor[B, *shape]``, ``y: Tensor[B]``.
 
-    With ``run.channels_last`` 4-D batches are laid out channels-last (the model is too).
-    Metrics: those of :func:`loss_terms` plus ``grad_norm`` (global L2 norm before the step).
+    ``loss_model`` (default ``model``) runs the loss forward: under torchrun the
+    DistributedDataParallel wrapper, whose backward all-reduces the gradients; SGLD always uses
+    the bare ``model``, so its input-gradient passes communicate nothing.
+
+    ``x_px: Tensor[B', *shape]`` is a separate real batch for the p(x) term (semi-supervised
+    runs); None uses ``x``. With ``run.channels_last`` 4-D batches are laid out channels-last
+    (the model is too). Metrics: those of :func:`loss_terms` plus ``grad_norm`` (global L2 norm
+    before the step). The returned samples are the p(x) term's, else the p(x|y) term's.
     """
     b = x.shape[0]
     w = cfg.loss
-    if cfg.run.channels_last and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    x_fake = None
-    if w.p_x_weight > 0:
-        y_fake = torch.randint(0, n_classes, (b,), device=x.device) if cfg.sampler.class_cond else None
-        x_fake = sampler.sample(model, buffer, b, y_fake)
-        if cfg.run.channels_last and x_fake.dim() == 4:
-            x_fake = x_fake.contiguous(memory_format=torch.channels_last)
-    model.train()
+    px_weight, pxy_weight = generative_weights(w)
+    x, x_px = _layout(cfg, x), _layout(cfg, x_px)
+    x_fake = x_fake_y = None
+    if px_weight > 0:
+        n = b if x_px is None else x_px.shape[0]
+        y_fake = torch.randint(0, n_classes, (n,), device=x.device) if cfg.sampler.class_cond else None
+        x_fake = _layout(cfg, fake_batch(cfg, model, sampler, buffer, n, y_fake))
+    if pxy_weight > 0:
+        x_fake_y = _layout(cfg, fake_batch(cfg, model, sampler, buffer, b, y))
+    net = model if loss_model is None else loss_model
+    net.train()
     terms = compiled_loss_terms() if cfg.run.compile else loss_terms
-    metrics = terms(model, x, x_fake, y, w.p_y_given_x_weight, w.p_x_weight, cfg.run.precision)
+    extra = {} if x_px is None and x_fake_y is None else {
+        "x_px": x_px, "x_fake_y": x_fake_y, "p_x_given_y_weight": pxy_weight}
+    metrics = terms(net, x, x_fake, y, w.p_y_given_x_weight, px_weight, cfg.run.precision, **extra)
     optimizer.zero_grad(set_to_none=True)
     metrics["loss"].backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     metrics["grad_norm"] = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=x.device)
     optimizer.step()
-    return StepOutput({k: v.detach() for k, v in metrics.items()}, x_fake)
+    return StepOutput({k: v.detach() for k, v in metrics.items()}, x_fake if x_fake is not None else x_fake_y)
 
 
 @torch.no_grad()

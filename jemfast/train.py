@@ -9,36 +9,38 @@ from __future__ import annotations
 import math
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from tqdm import tqdm
 
-from . import __version__
+from . import distributed, shards
 from .build import build_buffer, build_model, build_optimizer, build_sampler, resolve_device, seed_all
 from .checkpoint import Progress, read_checkpoint, restore_training_state, training_state
 from .cli import config_from_args, run_cli
 from .config import Config, validate
 from .data import load_data
+from .ddp_trainer import data_parallel
 from .errors import DivergenceExhausted, UserError
+from .init_dist import make_init_fn
 from .log import get_logger, progress_safe_logging, setup_cli_logging
 from .metrics import MetricsLog, MetricWindow
-from .plots import save_image_grid, save_toy2d_plot
-from .rundir import checkpoint_candidates, clear_run, mark_best, prepare_out, save_good_checkpoint, write_json
-from .stability import DivergenceMonitor, InjectDivergence, RecoveryState
+from .outputs import log_metrics, save_buffer_grid, save_samples
+from .interrupt import StopRequested, stop_on_signals
+from .resume import check_identity, reconcile, restarts_after_checkpoint
+from .rundir import (checkpoint_candidates, drop_previous, mark_best, prepare_out, remove_stale_temp_files,
+                     restore_previous, save_good_checkpoint, set_aside_previous, write_json)
+from .summary import existing_summary, run_summary, write_failure_summary
+from .stability import DivergenceMonitor, InjectDivergence, RecoveryState, recovery_action
 from .step import accuracy, lr_at, set_lr, train_step
 from .threads import configure_threads
 
 log = get_logger(__name__)
 Report = Callable[[dict[str, Any]], None]
 Hook = Callable[["Trainer"], None]  # called at the start of every iteration
-# Fields that must match between a checkpoint and the run resuming it.
-IDENTITY = ("data.dataset", "model.name", "model.depth", "model.width", "model.norm",
-            "model.hidden", "sampler.buffer_size", "sampler.class_cond")
 
 
 @dataclass
@@ -53,17 +55,34 @@ class Trainer:
     """The live state of one run; :meth:`run` trains to the end and returns the summary."""
 
     def __init__(self, cfg: Config, report: Report | None = None, hooks: Iterable[Hook] = ()) -> None:
+        """Build everything and check everything that can fail before touching ``--out``'s
+        contents: a failing start never changes a saved run."""
         self.cfg, self.report = cfg, report
         self.device = resolve_device(cfg.run.device)
         configure_threads(cfg.run.threads)
-        self.out = prepare_out(cfg.run)
-        seed_all(cfg.run.seed)
+        self.out, self.lock = prepare_out(cfg.run)
+        try:
+            self._build(cfg, hooks)
+            remove_stale_temp_files(self.out)  # safe: we hold the lock
+            self.resume_step = self._resume() if cfg.run.resume else None
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self, cfg: Config, hooks: Iterable[Hook]) -> None:
+        self._seed_all(cfg.run.seed)
         self.data = load_data(cfg.data, self.device)
         shape, n_classes = self.data.input_shape, self.data.n_classes
-        self.model = build_model(cfg, shape, n_classes, self.device)
+        self.per_epoch = self.data.train.n_batches(cfg.optim.batch_size, drop_last=True)
+        if self.per_epoch == 0:
+            raise UserError(f"--batch-size {cfg.optim.batch_size} is larger than the training set "
+                            f"({len(self.data.train)})")
+        self.model = self.loss_model = build_model(cfg, shape, n_classes, self.device)  # DDP wraps the latter
         self.optimizer = build_optimizer(cfg, self.model)
-        self.buffer = build_buffer(cfg, shape, n_classes, self.device)
+        self.buffer = build_buffer(cfg, shape, n_classes, self.device,
+                                   make_init_fn(cfg.sampler.init_dist, self.data.train, n_classes))
         self.sampler = build_sampler(cfg)
+        self.sampler.chain_fn(self.device, self.model)  # an unusable --backend fails here, not mid-run
         self.monitor = DivergenceMonitor(cfg.stability, self.device)
         self.progress = Progress(seed=cfg.run.seed)
         self.recovery = RecoveryState()
@@ -73,34 +92,64 @@ class Trainer:
         self.stop_signal: int | None = None
         self.valid_acc = float("nan")
         self.lr = cfg.optim.lr
-        resume_step = self._resume() if cfg.run.resume else None
-        if not cfg.run.resume and cfg.run.overwrite:
-            clear_run(self.out)
-        self.metrics = MetricsLog(self.out, resume_step)
+        self.t0 = time.perf_counter()
 
     # ---- the loop ----------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        o = self.cfg.optim
-        self.per_epoch = self.data.train.n_batches(o.batch_size, drop_last=True)
-        if self.per_epoch == 0:
-            raise UserError(f"--batch-size {o.batch_size} is larger than the training set ({len(self.data.train)})")
-        self.t0 = time.perf_counter()
-        self.bar = tqdm(total=self.per_epoch * o.epochs, initial=self.progress.step, disable=not self.cfg.run.progress,
-                        unit="it", dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 15.0)
-        old_handlers = self._install_signal_handlers()
+        """Train to the last epoch (rolling back on divergence); returns the summary."""
+        o, p = self.cfg.optim, self.progress
         try:
-            with progress_safe_logging():
-                if self.recovery.snapshot is None:
-                    self.save_checkpoint()  # iteration 0: the first rollback target
-                while True:
-                    stop = self._train()
-                    if stop.status != "diverged":
-                        return self.finish(stop.status)
-                    self.recover(stop.cause)
+            if p.epoch >= o.epochs:  # a finished run resumed: nothing to do, nothing rewritten
+                log.info(f"the run in {self.out} already finished its {p.epoch} epochs; "
+                         f"pass a larger --epochs to train on")
+                return existing_summary(self)
+            self.t0 = time.perf_counter()
+            self.bar = tqdm(total=self.per_epoch * o.epochs, initial=p.step, disable=not self.cfg.run.progress,
+                            unit="it", dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 15.0)
+            try:
+                with stop_on_signals(self._on_signal, distributed.active()), progress_safe_logging():
+                    self._start_outputs()
+                    while True:
+                        stop = self._train()
+                        if stop.status != "diverged":
+                            return self.finish(stop.status)
+                        self.recover(stop.cause)
+            except OSError as exc:  # disk full, read-only file system, ...
+                where = f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}"
+                if self.recovery.last_good is None:
+                    raise UserError(f"writing to --out {self.out} failed ({where}); nothing of an "
+                                    f"earlier run there was changed") from None
+                write_failure_summary(self)
+                raise UserError(f"writing to --out {self.out} failed ({where}); "
+                                f"last good checkpoint: {self.recovery.last_good}") from None
+            finally:
+                self.bar.close()
+                if hasattr(self, "metrics"):
+                    self.metrics.close()
         finally:
-            self._restore_signal_handlers(old_handlers)
-            self.bar.close()
-            self.metrics.close()
+            self.lock.release()
+
+    def _on_signal(self, signum: int) -> None:
+        self.stop_signal = signum
+
+    def _start_outputs(self) -> None:
+        """Open metrics.jsonl and write the first checkpoint. ``--overwrite`` sets the old run
+        aside first and deletes it only once that checkpoint exists (put back on failure)."""
+        overwrite = self.cfg.run.overwrite and self.resume_step is None
+        if overwrite:
+            set_aside_previous(self.out)
+        try:
+            self.metrics = MetricsLog(self.out, self.resume_step)
+            if self.recovery.snapshot is None:
+                self.save_checkpoint()  # iteration 0: the first rollback target
+        except BaseException:
+            if overwrite:
+                if hasattr(self, "metrics"):
+                    self.metrics.close()
+                restore_previous(self.out)
+            raise
+        if overwrite:
+            drop_previous(self.out)
 
     def _train(self) -> Stop:
         """Train from the current position to the last epoch, or until a stop."""
@@ -108,12 +157,15 @@ class Trainer:
         self.window = MetricWindow()
         self.t_window = time.perf_counter()
         while p.epoch < o.epochs:
-            order_seed = p.seed * 100_003 + p.epoch  # a resumed epoch replays the same order
-            for x, y in self.data.train.batches(o.batch_size, order_seed, p.batch_in_epoch, drop_last=True):
-                if self.stop_signal is not None:
+            for x, y in self._batches(self._order_seed(), p.batch_in_epoch):
+                if self._stopping():
                     cause = self.save_checkpoint()
                     return Stop("diverged", cause) if cause else Stop("interrupted")
-                out = self._iteration(x, y)
+                try:
+                    out = self._iteration(x, y)
+                except StopRequested:  # a signal inside the SGLD chain: drop the unfinished iteration
+                    cause = self.save_checkpoint()
+                    return Stop("diverged", cause) if cause else Stop("interrupted")
                 cause = self._every_n_iterations(out.x_fake)
                 if cause:
                     return Stop("diverged", cause)
@@ -122,14 +174,22 @@ class Trainer:
                 return Stop("diverged", cause)
         return Stop("finished")
 
+    def _order_seed(self) -> int:
+        """The seed of this epoch's batch order (a resumed epoch replays the same order)."""
+        return self.progress.seed * 100_003 + self.progress.epoch
+
     def _iteration(self, x: torch.Tensor, y: torch.Tensor):
         cfg, p = self.cfg, self.progress
         for hook in self.hooks:
             hook(self)
         self.lr = lr_at(cfg.optim, p.step, p.epoch, self.recovery.lr_scale)
         set_lr(self.optimizer, self.lr)
+        x_px = None
+        if self.data.labelled is not None:  # semi-supervised: (x, y) feeds p(x) only, labels unused
+            x_px = self.data.prepare_train(x)
+            x, y = self.data.labelled.cycled_batch(cfg.optim.batch_size, self._order_seed(), p.batch_in_epoch)
         out = train_step(cfg, self.model, self.optimizer, self.sampler, self.buffer,
-                         self.data.prepare_train(x), y, self.data.n_classes)
+                         self.data.prepare_train(x), y, self.data.n_classes, x_px=x_px, loss_model=self.loss_model)
         self.monitor.observe(out.metrics, out.x_fake)
         self.window.add(out.metrics)
         p.step += 1
@@ -146,9 +206,9 @@ class Trainer:
             if cause:
                 return cause
         if step % r.log_every == 0:
-            self._log()
+            log_metrics(self)
         if step % r.sample_every == 0 and x_fake is not None:
-            self._save_samples(x_fake, f"step_{step:07d}.png")
+            save_samples(self, x_fake, f"step_{step:07d}.png")
         if r.ckpt_every and step % r.ckpt_every == 0:
             return self.save_checkpoint()
         return None
@@ -169,7 +229,7 @@ class Trainer:
             return cause
         if is_best:
             mark_best(self.recovery.last_good, self.out)
-        self._save_buffer_grid(f"epoch_{p.epoch:04d}.png")
+        save_buffer_grid(self, f"epoch_{p.epoch:04d}.png")
         self.metrics.write(record)
         if self.report is not None:
             self.report({**record, "valid_acc": self.valid_acc, "restarts": len(self.recovery.restarts),
@@ -189,11 +249,27 @@ class Trainer:
         if cause:
             return cause
         state = self.state()
-        path = save_good_checkpoint(state, self.out, self.progress.step, self.cfg.stability.good_ring)
+        path = self._write_checkpoint(state)  # OSError: see run()
         self.recovery.checkpointed(state, path)
         return None
 
+    def _write_checkpoint(self, state: dict[str, Any]) -> Path:
+        return save_good_checkpoint(state, self.out, self.progress.step, self.cfg.stability.good_ring)
+
     def _resume(self) -> int:
+        ckpt, path, lost = self._read_resume_checkpoint()
+        ckpt = shards.for_rank(ckpt, distributed.rank(), distributed.world_size(), self.buffer.capacity)
+        restore_training_state(ckpt, self.model, self.optimizer, self.buffer, self.sampler, self.progress,
+                               self.recovery)
+        self.recovery.checkpointed(ckpt, path)
+        self._reapply_lost_restarts(lost)
+        self.sampler.n_steps = self.cfg.sampler.n_steps * self.recovery.sgld_steps_factor
+        log.info(f"resuming from {path} (epoch {self.progress.epoch}, iteration {self.progress.step})")
+        return self.progress.step
+
+    def _read_resume_checkpoint(self) -> tuple[dict[str, Any], Path, list[dict[str, Any]]]:
+        """The newest readable checkpoint of this run (flags reconciled), its path, and the
+        restarts logged after it."""
         errors = []
         for path in checkpoint_candidates(self.out):
             try:
@@ -202,21 +278,27 @@ class Trainer:
                 errors.append(str(exc))
                 log.warning(f"{exc}; trying an older checkpoint")
                 continue
-            self._check_identity(ckpt, path)
-            restore_training_state(ckpt, self.model, self.optimizer, self.buffer, self.sampler, self.progress,
-                                   self.recovery)
-            self.recovery.checkpointed(ckpt, path)
-            log.info(f"resuming from {path} (epoch {self.progress.epoch}, iteration {self.progress.step})")
-            return self.progress.step
+            saved_cfg = Config.from_dict(ckpt["config"])
+            check_identity(saved_cfg, self.cfg, path)
+            for line in reconcile(saved_cfg, self.cfg, int(ckpt["step"])):
+                log.warning(line)
+            return ckpt, path, restarts_after_checkpoint(self.out / "metrics.jsonl", len(ckpt["recovery"]["restarts"]))
         raise UserError(f"--resume: no readable checkpoint in {self.out / 'checkpoints'} ({'; '.join(errors)})")
 
-    def _check_identity(self, ckpt: dict[str, Any], path: Path) -> None:
-        theirs, ours = Config.from_dict(ckpt["config"]), self.cfg
-        for key in IDENTITY:
-            section, name = key.split(".")
-            a, b = getattr(getattr(theirs, section), name), getattr(getattr(ours, section), name)
-            if a != b:
-                raise UserError(f"checkpoint {path} is from another run: {key} is {a!r} there, {b!r} here")
+    def _reapply_lost_restarts(self, lost: list[dict[str, Any]]) -> None:
+        """Restarts logged after the checkpoint (the process was killed before the next one):
+        apply their actions again, as the rollback they made had restored this very state."""
+        rec, p = self.recovery, self.progress
+        for event in lost:
+            action = recovery_action(int(event["restart"]), self.cfg.run.seed)
+            rec.apply(action)
+            p.seed = action.new_seed
+            self._seed_all(p.seed)
+            self._reseed_kernels(p.seed)
+            if action.reset_buffer:
+                self.buffer.reset()
+            rec.restarts.append(event)
+            log.warning(f"re-applying restart {action.restart} (logged after the checkpoint): {action.describe()}")
 
     def recover(self, cause: str) -> None:
         """Roll back and restart with the next action of the recovery policy (jemfast.stability),
@@ -230,11 +312,12 @@ class Trainer:
                 f"{len(rec.restarts)} restart(s); last good checkpoint: {rec.last_good}")
         diverged_at = p.step
         action = rec.next_action(self.cfg.run.seed)
+        rec.apply(action)
         restore_training_state(self._rollback_target(rec.depth), self.model, self.optimizer, self.buffer,
                                self.sampler, p, recovery=None, restore_rng=False)
-        rec.apply(action)
         p.seed = action.new_seed
-        seed_all(p.seed)
+        self._seed_all(p.seed)
+        self._reseed_kernels(p.seed)
         self.sampler.n_steps = self.cfg.sampler.n_steps * rec.sgld_steps_factor
         if action.reset_buffer:
             self.buffer.reset()
@@ -248,71 +331,42 @@ class Trainer:
 
     def _rollback_target(self, depth: int) -> dict[str, Any]:
         """The in-memory snapshot (depth 0) or the ``depth``-th older good checkpoint on disk."""
+        ckpt = self._read_older_checkpoint(depth) if depth > 0 else None
+        if ckpt is None:
+            return self.recovery.snapshot
+        return shards.for_rank(ckpt, distributed.rank(), distributed.world_size(), self.buffer.capacity)
+
+    def _read_older_checkpoint(self, depth: int) -> dict[str, Any] | None:
         ring = sorted((self.out / "checkpoints").glob("good-*.pt"), reverse=True)
-        for path in (ring[depth:] or ring[-1:]) if depth > 0 else []:
+        for path in ring[depth:] or ring[-1:]:
             try:
                 return read_checkpoint(path, map_location=self.device)
             except UserError:
                 continue
-        return self.recovery.snapshot
+        return None
 
-    # ---- outputs -----------------------------------------------------------------------
-    def _log(self) -> None:
-        means = self.window.mean()  # the one host sync of the log interval
-        now, n = time.perf_counter(), self.cfg.run.log_every
-        record = {"step": self.progress.step, "epoch": self.progress.epoch, **means, "lr": self.lr,
-                  "images_per_s": n * self.cfg.optim.batch_size / max(now - self.t_window, 1e-9),
-                  "time": now - self.t0}
-        self.t_window = now
-        self.metrics.write(record)
-        self.bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['acc']:.3f}",
-                             img_s=f"{record['images_per_s']:.0f}")
+    def _seed_all(self, seed: int) -> None:  # this and the next two: jemfast.ddp_trainer replaces them
+        seed_all(seed)
 
-    def _save_samples(self, x: torch.Tensor, name: str) -> None:
-        path = self.out / "samples" / name
-        if len(self.data.input_shape) == 3:
-            save_image_grid(x[:64], path)
-        else:
-            save_toy2d_plot(self.model, self.buffer.data[:2000], self.data.train.x[:2000], path)
+    def _reseed_kernels(self, seed: int) -> None:
+        """The kernels' own noise streams (fused/graph SGLD, buffer gather) follow a new seed too."""
+        self.sampler.reseed(seed)
+        self.buffer.reseed(seed)
 
-    def _save_buffer_grid(self, name: str) -> None:
-        """A grid of buffer rows spread over the whole buffer (no RNG used)."""
-        rows = torch.linspace(0, self.buffer.capacity - 1, min(100, self.buffer.capacity)).long()
-        self._save_samples(self.buffer.data[rows.to(self.device)], name)
+    def _batches(self, order_seed: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.data.train.batches(self.cfg.optim.batch_size, order_seed, start, drop_last=True)
+
+    def _stopping(self) -> bool:
+        return self.stop_signal is not None
 
     def finish(self, status: str) -> dict[str, Any]:
-        p = self.progress
         finished = status == "finished"
         test_acc = accuracy(self.model, self.data.test, precision=self.cfg.run.precision) if finished else math.nan
-        summary = {
-            "status": status, "valid_acc": self.valid_acc, "best_valid_acc": p.best_valid_acc,
-            "test_acc": test_acc, "epochs": p.epoch, "iterations": p.step,
-            "wall_time_s": time.perf_counter() - self.t0, "device": str(self.device),
-            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-            "torch_version": torch.__version__, "jemfast_version": __version__,
-            "torch_threads": torch.get_num_threads(), "sgld_backend": self.sampler.backend, "restarts": self.recovery.restarts,
-            "out": str(self.out), "stop_signal": self.stop_signal, "config": self.cfg.to_dict(),
-        }
+        summary = run_summary(self, status, test_acc)
         write_json(summary, self.out / "summary.json")
         if finished:
-            self.metrics.write({"event": "finished", "step": p.step, "test_acc": test_acc})
+            self.metrics.write({"event": "finished", "step": self.progress.step, "test_acc": test_acc})
         return summary
-
-    # ---- signals -----------------------------------------------------------------------
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-
-        def handler(signum: int, _frame: Any) -> None:
-            if self.stop_signal is not None:  # a second signal: stop now, without a checkpoint
-                raise KeyboardInterrupt
-            self.stop_signal = signum
-
-        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def _restore_signal_handlers(self, old: dict[int, Any]) -> None:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def train(cfg: Config, report: Report | None = None, hooks: Iterable[Hook] = ()) -> dict[str, Any]:
@@ -323,7 +377,9 @@ def train(cfg: Config, report: Report | None = None, hooks: Iterable[Hook] = ())
     checkpoints), DivergenceExhausted when restarts run out.
     """
     validate(cfg)
-    return Trainer(cfg, report, hooks).run()
+    with distributed.session(cfg.run.device):
+        trainer_class = data_parallel(Trainer) if distributed.active() else Trainer
+        return trainer_class(cfg, report, hooks).run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -331,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def _run() -> int:
         summary = train(config_from_args(argv))
+        if not distributed.env_is_main():  # under torchrun rank 0 reports for all
+            return 128 + summary["stop_signal"] if summary["status"] == "interrupted" else 0
         if summary["status"] == "interrupted":
             print(f"interrupted: checkpoint saved in {summary['out']}/checkpoints; continue with --resume")
             return 128 + (summary["stop_signal"] or signal.SIGINT)
@@ -339,7 +397,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(summary['restarts'])} restart(s); outputs in {summary['out']}")
         return 0
 
-    return run_cli(_run, "jemfast.train")
+    try:
+        return run_cli(_run, "jemfast.train")
+    except KeyboardInterrupt:
+        sys.stderr.write("jemfast.train: interrupted\n")
+        return 130
 
 
 if __name__ == "__main__":

@@ -11,11 +11,19 @@ GPU ("Cannot call @triton.jit'd outside of the scope of a kernel"). Beware that
 ``import torchvision`` (through ``torch._dynamo``) imports ``triton``. :func:`interpret_mode`
 therefore looks at what Triton actually did, not at the variable.
 
-RNG state: ``rng_state`` is an int64 tensor ``[2] = (seed, offset)`` on the kernels' device.
-Kernels read it from device memory, give element ``i`` of a launch the Philox counter
-``offset + i``, and the launcher then advances ``offset`` by the number of counters used with a
-device-side ``add_``. Nothing is passed as a Python int, so a launch captured in a CUDA graph
-reads the current offset on every replay and draws fresh noise, with no host synchronisation.
+RNG state and CUDA graphs (the one place this is explained; the kernel modules refer here).
+``rng_state`` is an int64 tensor ``[2] = (seed, offset)`` on the kernels' device, made by
+:func:`new_rng_state`. A kernel loads both entries from device memory and gives element ``i`` of
+its launch (flat, row-major) the Philox counter ``offset + i``; the launcher then advances the
+offset by the number of counters the launch used, with a device-side ``rng_state[1:].add_(n)``,
+whether or not the values were needed. Nothing is passed as a Python int, so:
+
+- a launch captured in a CUDA graph reads the *current* offset on every replay and replays the
+  add, so every replay draws fresh noise, with no host synchronisation;
+- counters never overlap between launches: two launches over ``n`` elements draw exactly what
+  one launch over ``2n`` would;
+- restarting from a saved copy of ``rng_state`` reproduces the noise bit for bit (load it with
+  ``copy_`` where a captured graph holds the tensor's address).
 """
 import os
 
@@ -77,13 +85,18 @@ def require_triton(device: torch.device, op: str) -> None:
         raise RuntimeError(f"{op}: Triton kernel unavailable ({why}); use {op}_reference instead")
 
 
-def new_rng_state(seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def new_rng_state(seed: int | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
     """A fresh kernel RNG state: int64 tensor ``[2] = (seed, 0)`` on ``device``.
 
-    ``seed`` keys the Philox generator (``0 <= seed < 2**63``); the second entry is the counter
-    offset that every launch advances on the device. Save the tensor in checkpoints to resume
-    the noise stream exactly.
+    ``seed`` keys the Philox generator (``0 <= seed < 2**63``). ``None`` draws the seed from
+    torch's generator for ``device`` on the device itself (no host sync; follows
+    ``torch.manual_seed``). The second entry is the counter offset that every launch advances
+    on the device. Save the tensor in checkpoints to resume the noise stream exactly; to load a
+    saved state into a state a CUDA graph captured, ``copy_`` it in place.
     """
+    if seed is None:
+        drawn = torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
+        return torch.cat([drawn, torch.zeros_like(drawn)])
     seed = int(seed)
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed: must be in [0, 2**63), got {seed}")

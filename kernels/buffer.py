@@ -1,4 +1,4 @@
-"""Replay-buffer gather with in-kernel re-initialisation, and the write-back of finished chains.
+"""Replay-buffer gather with in-kernel re-initialisation.
 
 ``gather_reinit`` is one Triton kernel: program ``(r, c)`` copies columns ``[c*BLOCK, (c+1)*BLOCK)``
 of buffer row ``idx[r]`` into output row ``r`` as fp32, or, where ``reinit[r]`` is set, writes
@@ -6,27 +6,23 @@ U(-1, 1) noise drawn in the kernel with Philox (``tl.rand``) instead and skips t
 replaces ``buffer[idx]`` + ``torch.rand`` + ``torch.where`` (three full-size passes and a
 temporary) with one read and one write, and never leaves the device.
 
-Noise and CUDA graphs. The Philox seed and counter offset live in a device tensor
-``rng_state: int64[2] = (seed, offset)`` (see :func:`new_rng_state`). The kernel loads both from
-device memory; element ``(r, j)`` of the ``[B, D]``-flattened output gets the counter
-``offset + r * D + j``. After the launch the launcher advances the offset by ``B * D`` with
-``rng_state[1:].add_(B * D)`` -- a device op, no host sync -- whether or not any row was
-re-initialised (the mask is never read on the host). A CUDA graph that captured the launch
-replays the load of the *current* offset and the add, so every replay draws fresh noise;
-restarting from a saved copy of ``rng_state`` reproduces it bit for bit.
+Noise: element ``(r, j)`` of the ``[B, D]``-flattened output gets the Philox counter
+``offset + r * D + j`` of ``rng_state``, and the offset then advances by ``B * D`` on the device
+whether or not any row was re-initialised (the mask is never read on the host); see
+:mod:`jemfast.kernels._common` for what this gives CUDA graphs and saved states.
 
-``scatter_rows_`` is *not* a Triton kernel: ``Tensor.index_copy_`` already is one fused,
-sync-free, graph-capturable device kernel for ``buffer[idx] = x``, and a hand-written scatter
-would only add code. The references are :func:`gather_reinit_reference` and ``buffer[idx] = x``.
+The write-back needs no kernel of ours: ``buffer.index_copy_(0, idx, x)`` is already one fused,
+sync-free, graph-capturable device kernel. :func:`gather_reinit_reference` is the plain PyTorch
+definition the kernel must match.
 """
 import math
 
 import torch
 from torch import Tensor
 
-from ._common import HAS_TRITON, check_rng_state, new_rng_state, require_triton, tl, triton, triton_available
+from ._common import HAS_TRITON, check_rng_state, require_triton, tl, triton
 
-__all__ = ["gather_reinit", "gather_reinit_reference", "scatter_rows_", "new_rng_state", "triton_available"]
+__all__ = ["gather_reinit", "gather_reinit_reference"]
 
 BLOCK_SIZE = 1024  # columns per program (one 3x32x32 image is 3 programs)
 _BUFFER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -135,31 +131,3 @@ def gather_reinit_reference(buffer: Tensor, idx: Tensor, reinit: Tensor,
         uniform = torch.rand(kept.shape, device=kept.device) * 2 - 1
     mask = reinit.view(-1, *([1] * (kept.dim() - 1)))
     return torch.where(mask, uniform.float(), kept)
-
-
-def scatter_rows_(buffer: Tensor, idx: Tensor, x: Tensor) -> None:
-    """Write finished chains back: ``buffer[idx] = x``, in place, via ``Tensor.index_copy_``.
-
-    Not a Triton kernel (see the module docstring): ``index_copy_`` is already a single fused
-    device kernel with no host sync. ``x`` (``[B, *shape]``, any float dtype) is cast to the
-    buffer's dtype. With duplicate indices, which of the duplicate rows lands is unspecified
-    (as for ``buffer[idx] = x``); draw indices without replacement where that matters.
-
-    Args:
-        buffer: ``[N, *shape]`` float, updated in place.
-        idx: ``[B]`` int64 (int32 accepted) row indices in ``[0, N)``.
-        x: ``[B, *shape]`` float, same device.
-
-    Raises:
-        ValueError: shape, dtype or device mismatch.
-    """
-    op = "scatter_rows_"
-    _row_shape_check(buffer, idx, op)
-    if not isinstance(x, Tensor) or tuple(x.shape) != (idx.shape[0], *buffer.shape[1:]):
-        raise ValueError(f"{op}: x must have shape {(idx.shape[0], *buffer.shape[1:])}, "
-                         f"got {tuple(getattr(x, 'shape', ()))}")
-    if x.device != buffer.device:
-        raise ValueError(f"{op}: x is on {x.device}, buffer on {buffer.device}")
-    if not x.is_floating_point():
-        raise ValueError(f"{op}: x must be a floating-point tensor, got {x.dtype}")
-    buffer.index_copy_(0, idx.to(torch.int64), x.detach().to(buffer.dtype))

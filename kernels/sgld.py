@@ -5,25 +5,21 @@ One elementwise Triton kernel reads ``x`` (fp32) and ``grad`` (fp32 or bf16), dr
 noise itself with Philox (``tl.randn``) and writes ``x`` back: one read of each input and one
 write, instead of the four passes of ``torch.randn`` + ``add_`` + ``add_`` + ``clamp_``.
 
-Noise and CUDA graphs. The Philox seed and counter offset live in a device tensor
-``rng_state: int64[2] = (seed, offset)`` (see :func:`new_rng_state`). The kernel loads both from
-device memory; element ``i`` (flat, row-major index) gets the counter ``offset + i``. After the
-launch the launcher advances the offset with ``rng_state[1:].add_(x.numel())`` -- a device op, no
-host sync. A CUDA graph that captured the launch therefore replays the load of the *current*
-offset and the add, so every replay draws fresh noise, while restarting from a saved copy of
-``rng_state`` reproduces the noise bit for bit. Counters never overlap between launches, so two
-launches over ``n`` elements draw exactly what one launch over the concatenated ``2n`` would.
+Noise: element ``i`` (in memory order) gets the Philox counter ``offset + i`` of ``rng_state``, and the
+offset then advances by ``x.numel()`` on the device (see :mod:`jemfast.kernels._common` for why
+this makes CUDA-graph replays draw fresh noise and saved states reproducible). The clamp keeps
+NaN as NaN, so a diverging chain stays visible to the divergence monitor.
 
 :func:`sgld_update_reference` is the plain PyTorch definition that the kernel must match.
 """
 import torch
 from torch import Tensor
 
-from ._common import HAS_TRITON, check_rng_state, new_rng_state, require_triton, tl, triton, triton_available
+from ._common import HAS_TRITON, check_rng_state, require_triton, tl, triton
 
-__all__ = ["sgld_update_", "sgld_update_reference", "new_rng_state", "triton_available"]
+__all__ = ["sgld_update_", "sgld_update_reference"]
 
-BLOCK_SIZE = 1024  # elements per program; also a good size for the CPU interpreter
+BLOCK_SIZE = 1024  # elements per program
 _GRAD_DTYPES = (torch.float32, torch.bfloat16)
 
 if HAS_TRITON:
@@ -42,8 +38,8 @@ if HAS_TRITON:
             seed = tl.load(rng_ptr)
             base = tl.load(rng_ptr + 1)
             x = x + noise_std * tl.randn(seed, base + offs)
-        if CLAMP:
-            x = tl.minimum(tl.maximum(x, -1.0), 1.0)
+        if CLAMP:  # tl.minimum/maximum would turn NaN into -1: keep it NaN
+            x = tl.where(x != x, x, tl.minimum(tl.maximum(x, -1.0), 1.0))
         tl.store(x_ptr + offs, x, mask=mask)
 
 
@@ -52,22 +48,22 @@ def sgld_update_(x: Tensor, grad: Tensor, step_size: float, noise_std: float, rn
     """One SGLD step on the chain state ``x``, in place, with noise drawn in the kernel.
 
     Args:
-        x: fp32, contiguous, any shape ``[*]`` -- the chain state (e.g. images in [-1, 1]),
-            overwritten with the result.
-        grad: fp32 or bf16, same shape and device as ``x`` -- ``dE/dx``. A non-contiguous
-            ``grad`` is copied to a contiguous one first.
+        x: fp32, any shape ``[*]``, contiguous or (4-D) channels-last -- the chain state (e.g.
+            images in [-1, 1]), overwritten with the result.
+        grad: fp32 or bf16, same shape and device as ``x`` -- ``dE/dx``; copied to ``x``'s
+            memory layout first if it has another one (the kernel walks both in memory order).
         step_size: ``alpha``, in units of ``x`` per unit of gradient (JEM: 1.0).
         noise_std: ``sigma``, standard deviation of the added Gaussian noise, in units of
             ``x`` (JEM: 0.01). ``0`` skips the Philox work (the offset still advances).
         rng_state: int64 ``[2] = (seed, offset)`` on ``x``'s device; its offset is advanced
             by ``x.numel()`` on the device (see the module docstring).
-        clamp: clamp the result to [-1, 1].
+        clamp: clamp the result to [-1, 1] (NaN stays NaN).
 
     Returns:
         ``x`` itself.
 
     Raises:
-        ValueError: non-contiguous or non-fp32 ``x``; ``grad`` of another shape, device or an
+        ValueError: ``x`` not fp32 or neither contiguous nor channels-last; ``grad`` of another shape, device or an
             unsupported dtype; malformed ``rng_state``.
         RuntimeError: Triton cannot run on ``x``'s device (see ``triton_available``).
 
@@ -78,8 +74,9 @@ def sgld_update_(x: Tensor, grad: Tensor, step_size: float, noise_std: float, rn
         raise ValueError(f"{op}: x and grad must be tensors")
     if x.dtype != torch.float32:
         raise ValueError(f"{op}: x must be float32 (the fp32 chain state), got {x.dtype}")
-    if not x.is_contiguous():
-        raise ValueError(f"{op}: x must be contiguous (it is updated in place); "
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    if not (x.is_contiguous() or channels_last):
+        raise ValueError(f"{op}: x must be contiguous or channels-last (it is updated in place); "
                          "pass x.contiguous() and use the returned tensor")
     if grad.shape != x.shape:
         raise ValueError(f"{op}: grad shape {tuple(grad.shape)} != x shape {tuple(x.shape)}")
@@ -92,7 +89,7 @@ def sgld_update_(x: Tensor, grad: Tensor, step_size: float, noise_std: float, rn
     n = x.numel()
     if n == 0:
         return x
-    grad = grad.contiguous()
+    grad = grad.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     step_size, noise_std = float(step_size), float(noise_std)
     grid = (triton.cdiv(n, BLOCK_SIZE),)
     _sgld_kernel[grid](x, grad, rng_state, n, step_size, noise_std,
@@ -111,7 +108,7 @@ def sgld_update_reference(x: Tensor, grad: Tensor, step_size: float, noise_std: 
         step_size, noise_std: as in :func:`sgld_update_`.
         noise: standard-normal fp32 tensor of ``x``'s shape to scale by ``noise_std``;
             ``None`` means zeros (no noise).
-        clamp: clamp the result to [-1, 1].
+        clamp: clamp the result to [-1, 1] (``Tensor.clamp`` keeps NaN as NaN).
 
     Returns:
         A new fp32 tensor of ``x``'s shape.

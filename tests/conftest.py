@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from jemfast.config import Config, apply_preset, validate
+from jemfast.config import Config, apply_preset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,18 +28,10 @@ def tiny_digits_config(out: Path, **overrides) -> Config:
     """
     cfg = Config()
     cfg.data.dataset = "digits"
-    apply_preset(cfg)
-    cfg.model.hidden = 8
-    cfg.optim.epochs = 1
-    cfg.sampler.buffer_size = 200
-    cfg.sampler.n_steps = 5
-    cfg.run.out = str(out)
-    cfg.run.progress = False
-    cfg.run.log_every = 5
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        setattr(getattr(cfg, section), name, value)
-    return validate(cfg)
+    tiny = {"model.hidden": 8, "optim.epochs": 1, "sampler.buffer_size": 200, "sampler.n_steps": 5,
+            "run.out": str(out), "run.progress": False, "run.log_every": 5}
+    tiny.update({key.replace("__", "."): value for key, value in overrides.items()})
+    return apply_preset(cfg).with_overrides(tiny)
 
 
 @pytest.fixture

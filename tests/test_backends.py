@@ -1,4 +1,4 @@
-"""SGLD chain backends (jemfast.backends) against the reference chain, on the CPU.
+"""SGLD chain backends (jemfast.sgld) against the reference chain, on the CPU.
 
 What runs here: ``compile`` (torch.compile, CPU default mode, channels-last) and ``fused`` (the
 Triton kernel under the CPU interpreter: tests/conftest.py sets ``TRITON_INTERPRET=1`` before
@@ -23,11 +23,12 @@ import copy
 import pytest
 import torch
 
-from jemfast.backends import CompiledChain, FusedChain, make_chain, resolve_backend, unavailable
 from jemfast.energy import JEM
 from jemfast.errors import UserError
 from jemfast.models import SmallCNN
-from jemfast.sampler import SGLD, reference_chain, sampling_mode
+from jemfast.sgld import SGLD, ChainSpec, make_chain, reference_chain, resolve_backend, sampling_mode, unavailable
+from jemfast.sgld.compiled import CompiledChain
+from jemfast.sgld.fused import FusedChain
 
 B, SHAPE, STEPS, ALPHA, SIGMA = 64, (1, 8, 8), 20, 1.0, 0.01
 ATOL = 1e-4
@@ -47,7 +48,7 @@ def _x(seed: int = 1) -> torch.Tensor:
 
 def _run(chain, model, x, y=None, noise=0.0, clamp=False, steps=STEPS):
     with sampling_mode(model):
-        return chain(model, x, y, steps, ALPHA, noise, clamp)
+        return chain(model, x, y, ChainSpec(steps, ALPHA, noise, clamp))
 
 
 def _fused_or_skip() -> FusedChain:
@@ -78,17 +79,28 @@ def test_reference_is_the_reference_chain():
     assert chain is reference_chain and name == "reference"
 
 
-def test_auto_on_cpu_is_fixed_and_logged_once(capfd):
-    name, reason = resolve_backend("auto", "cpu")
-    assert name == ("compile" if unavailable("compile", "cpu") is None else "reference"), reason
-    from jemfast import backends
+def test_auto_on_cpu_picks_reference_and_logs_why_once():
+    import logging
 
-    backends._said.discard(("auto", "cpu", name))
-    _, got = make_chain("auto", torch.device("cpu"))
-    _, again = make_chain("auto", torch.device("cpu"))
-    assert got == again == name
-    err = capfd.readouterr().err
-    assert err.count("SGLD backend auto ->") == 1, err
+    from jemfast.log import _said
+
+    name, reason = resolve_backend("auto", "cpu")
+    assert name == "reference" and "cpu/*/* -> reference" in reason and "1.00-1.16x" in reason
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("jemfast.sgld.backends")
+    logger.addHandler(handler)
+    old_level, logger.level = logger.level, logging.INFO
+    try:
+        _said.discard(("auto", "cpu", "small", "fp32", "reference"))
+        got = [make_chain("auto", torch.device("cpu"), n_params=1000)[1] for _ in range(2)]
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    assert got == ["reference", "reference"]
+    lines = [r.getMessage() for r in records]
+    assert len(lines) == 1 and lines[0].startswith("SGLD backend auto -> reference on cpu (rule cpu/"), lines
 
 
 def test_unavailable_backends_raise_a_clear_error():
@@ -103,6 +115,31 @@ def test_sgld_resolves_its_backend_lazily_and_reports_it():
     assert sampler.backend == "auto"
     sampler.chain_fn(torch.device("cpu"))
     assert sampler.backend == resolve_backend("auto", "cpu")[0]
+
+
+def test_auto_rule_table():
+    from jemfast.sgld.auto_rule import pick, size_class
+
+    assert (size_class(36_500_000), size_class(99_000), size_class(None)) == ("large", "small", "*")
+    assert pick("cpu", 36_500_000, "bf16").backend == "reference"  # compile 1.00-1.16x: not worth it
+    assert pick("cpu").backend == "reference"
+    assert pick("cuda", 100_000, "fp32").backend == "graph"  # default until GPU figures exist
+    assert pick("mps", 100_000, "fp32").backend == "reference"
+
+
+def test_auto_takes_the_first_matching_rule_and_falls_back_saying_why(monkeypatch):
+    from jemfast.sgld import auto_rule
+
+    measured = auto_rule.Rule("cuda", "large", "bf16", "compile", "WRN-28-10 bf16: compile 1.2x graph (made up)")
+    monkeypatch.setattr(auto_rule, "RULES", (measured, *auto_rule.RULES))
+    assert auto_rule.pick("cuda", 36_500_000, "bf16") is measured
+    assert auto_rule.pick("cuda", 36_500_000, "fp32").backend == "graph"
+    assert auto_rule.pick("cuda", 100_000, "bf16").backend == "graph"
+    if torch.cuda.is_available():
+        return
+    name, reason = resolve_backend("auto", "cuda", 36_500_000, "bf16")
+    assert name == "reference", reason  # neither compile nor graph can run on a missing CUDA device
+    assert "rule cuda/large/bf16 -> compile: WRN-28-10 bf16" in reason and "compile unavailable" in reason
 
 
 # ---- compile -----------------------------------------------------------------------------
@@ -193,6 +230,23 @@ def test_fused_noise_statistics_and_fresh_noise():
     _check_noise_stats(a, ref_noisy, clean)
 
 
+def test_fused_keeps_a_channels_last_chain_channels_last():
+    chain = _fused_or_skip()
+    torch.manual_seed(0)
+    model = JEM(SmallCNN(3, 10, hidden=8))
+    x = (torch.rand(8, 3, 8, 8) * 2 - 1).contiguous(memory_format=torch.channels_last)
+    assert not x.is_contiguous()
+    ref = _run(reference_chain, model, x, clamp=True, steps=5)
+    out = _run(chain, model, x, clamp=True, steps=5)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert (ref - x).abs().max() > 1e-3
+    torch.testing.assert_close(out, ref, rtol=0, atol=ATOL)
+    sampler = SGLD(n_steps=5, step_size=ALPHA, noise_std=0.0, backend="fused", clamp=True, channels_last=True)
+    out = sampler.run(model, x.contiguous())  # an NCHW start (as the buffer gives) runs channels-last
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=0, atol=ATOL)
+
+
 def test_fused_leaves_grads_and_input_alone():
     chain = _fused_or_skip()
     model, x = _model(), _x()
@@ -200,6 +254,132 @@ def test_fused_leaves_grads_and_input_alone():
     _run(chain, model, x, steps=2, noise=SIGMA)
     assert torch.equal(x, x0)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_fused_sgld_state_dict_resumes_the_noise_stream_bit_for_bit():
+    _fused_or_skip()
+    model, x = _model(), _x()
+    sampler = SGLD(n_steps=2, step_size=ALPHA, noise_std=SIGMA, backend="fused")
+    assert sampler.state_dict() == {"n_steps": 2, "rng_state": None}
+    sampler.run(model, x)
+    state = sampler.state_dict()
+    assert state["rng_state"][1].item() == 2 * x.numel()
+    a = sampler.run(model, x)
+    rng = sampler._chain.rng_state
+    sampler.load_state_dict(state)
+    assert sampler._chain.rng_state is rng  # loaded in place (a captured graph holds its address)
+    assert torch.equal(sampler.run(model, x), a)
+    fresh = SGLD(n_steps=1, step_size=ALPHA, noise_std=SIGMA, backend="fused")
+    fresh.load_state_dict(state)  # before its chain exists
+    assert fresh.n_steps == 2 and torch.equal(fresh.state_dict()["rng_state"], state["rng_state"])
+    assert torch.equal(fresh.run(model, x), a)
+
+
+def test_fused_sgld_reseed():
+    _fused_or_skip()
+    model, x = _model(), _x()
+    sampler = SGLD(n_steps=1, step_size=ALPHA, noise_std=SIGMA, backend="fused")
+    sampler.reseed(123)  # before the chain exists
+    c = sampler.run(model, x)
+    sampler.reseed(123)
+    d = sampler.run(model, x)
+    sampler.reseed(124)
+    e = sampler.run(model, x)
+    assert torch.equal(c, d) and not torch.equal(c, e)
+    assert sampler.state_dict()["rng_state"].tolist() == [124, x.numel()]
+
+
+def test_reference_sgld_state_has_no_kernel_stream():
+    sampler = SGLD(n_steps=3)
+    sampler.reseed(5)
+    assert sampler.state_dict() == {"n_steps": 3, "rng_state": None}
+    sampler.load_state_dict({"n_steps": 6})
+    assert sampler.n_steps == 6
+
+
+# ---- graph: the pieces that need no CUDA --------------------------------------------------
+def test_capture_key_follows_float_settings_and_parameter_layout():
+    from jemfast.sgld.graph import capture_key
+
+    model, x = _model(), _x()
+    spec = ChainSpec(STEPS, ALPHA, SIGMA)
+    base = capture_key(model, x, None, spec)
+    assert capture_key(model, x, None, spec) == base
+    assert capture_key(model, x, None, ChainSpec(STEPS, ALPHA, SIGMA, True)) != base
+    assert capture_key(model, x, torch.arange(B) % 10, spec) != base
+    assert capture_key(model, x[:8], None, spec) != base
+    x3 = torch.rand(B, 3, 8, 8)  # (1-channel images are both layouts at once)
+    assert (capture_key(model, x3.contiguous(memory_format=torch.channels_last), None, spec)
+            != capture_key(model, x3, None, spec))
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (matmul.allow_tf32, cudnn.allow_tf32, torch.get_float32_matmul_precision())
+    saved_new_api = getattr(matmul, "fp32_precision", None)  # torch >= 2.9 mirrors the flags here
+    try:
+        matmul.allow_tf32 = not saved[0]
+        assert capture_key(model, x, None, spec) != base
+        matmul.allow_tf32 = saved[0]
+        cudnn.allow_tf32 = not saved[1]
+        assert capture_key(model, x, None, spec) != base
+        cudnn.allow_tf32 = saved[1]
+        torch.set_float32_matmul_precision("medium")
+        assert capture_key(model, x, None, spec) != base
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])
+        if saved_new_api is not None:
+            matmul.fp32_precision = saved_new_api
+    assert capture_key(model, x, None, spec) == base
+    model.to(memory_format=torch.channels_last)  # same values and shapes, other strides
+    assert capture_key(model, x, None, spec) != base
+    model.to(memory_format=torch.contiguous_format)
+    assert capture_key(model, x, None, spec) == base
+    model.double()
+    assert capture_key(model, x, None, spec) != base
+
+
+def test_graph_chain_evicts_least_recently_used_and_copies_without_grad(monkeypatch):
+    from jemfast.sgld import graph
+
+    captured = []
+
+    class FakeGraph:
+        def replay(self) -> None:
+            pass
+
+    def fake_capture(self, model, x, y, spec, key, storage):
+        captured.append(spec.n_steps)
+        return graph._Captured(FakeGraph(), torch.zeros(x.shape), None, storage)
+
+    monkeypatch.setattr(graph.GraphChain, "_capture", fake_capture)
+    chain = graph.GraphChain(torch.device("cpu"), max_graphs=3)
+    model, x = _model(), _x().requires_grad_(True)
+    for n in (1, 2, 3, 1, 4, 2):
+        out = chain(model, x, None, ChainSpec(n, ALPHA, 0.0))
+    assert captured == [1, 2, 3, 4, 2]  # 1 was reused; 4 evicted 2 (least recently used), 2 evicted 3
+    assert [key[5].n_steps for key in chain.graphs] == [1, 4, 2]
+    assert not out.requires_grad and torch.equal(out, x.detach())
+    assert all(not cap.x.requires_grad for cap in chain.graphs.values())
+    chain.clear()
+    assert not chain.graphs
+
+
+def test_bf16_weights_cast_once_match_autocast_per_step():
+    """graph's cast-once path (bf16 copies of conv/linear weights + functional_call) computes
+    what per-op autocast computes."""
+    from jemfast.sgld import sgld_chain
+    from jemfast.sgld.graph import lowp_params
+
+    model, x = _model(), _x()
+    params = lowp_params(model, torch.bfloat16)
+    assert set(params) == {n for n, _ in model.named_parameters()}  # SmallCNN: convs and a linear
+    assert all(t.dtype == torch.bfloat16 for t in params.values())
+    spec = ChainSpec(3, ALPHA, 0.0, False, torch.bfloat16)
+    with sampling_mode(model):
+        per_step = sgld_chain(model, x.clone(), None, spec)
+        once = sgld_chain(model, x.clone(), None, spec, params=params, cache=False)
+    assert (per_step - x).abs().max() > 0.01
+    assert torch.equal(once, per_step)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
 # ---- --compile for the training step (jemfast.step) --------------------------------------

@@ -3,12 +3,16 @@
 - every backend (fused, graph, compile) agrees with the reference over a 20-step chain with
   noise off (fp32 with TF32 off: ``atol = 1e-4``) and in noise statistics (as tests/test_backends.py);
 - ``graph`` replays draw fresh noise each time, see in-place parameter updates, and re-capture
-  when parameter storage moves;
+  when parameter storage moves; under bf16 its cast-once weights give the fused chain's result;
 - ``graph`` is >= 3x the reference chain on the digits SmallCNN (batch 64, 20 steps, median of 5);
 - one PCD step (buffer draw with the fused gather, graph chain, write-back) runs under
   ``torch.cuda.set_sync_debug_mode("error")`` once captured;
 - ``--compile`` training on CUDA runs under ``set_sync_debug_mode("warn")`` with no
   synchronising call inside the SGLD chain (after its first two calls: compile/capture).
+
+Tests that run torch.compile carry the ``compile`` marker: bench/gpu.sh's ``check`` stage runs
+``-m "gpu and not compile"`` and its ``compile`` stage ``-m "gpu and compile"`` (with
+``TORCH_LOGS=recompiles``), so each fits one short GPU command. Mark any new compiling test.
 """
 from __future__ import annotations
 
@@ -19,18 +23,17 @@ import warnings
 import pytest
 import torch
 
-from jemfast.backends import make_chain, unavailable
 from jemfast.buffer import ReplayBuffer
 from jemfast.energy import JEM
 from jemfast.models import SmallCNN
-from jemfast.sampler import SGLD, reference_chain, sampling_mode
+from jemfast.sgld import SGLD, ChainSpec, make_chain, reference_chain, sampling_mode, unavailable
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 DEV = torch.device("cuda")
 B, SHAPE, STEPS, ALPHA, SIGMA, ATOL = 64, (1, 8, 8), 20, 1.0, 0.01, 1e-4
-FAST = ["fused", "graph", "compile"]
+FAST = ["fused", "graph", pytest.param("compile", marks=pytest.mark.compile)]
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +65,7 @@ def _chain(backend: str):
 
 def _run(chain, model, x, y=None, noise=0.0, steps=STEPS, clamp=False):
     with sampling_mode(model):
-        return chain(model, x, y, steps, ALPHA, noise, clamp)
+        return chain(model, x, y, ChainSpec(steps, ALPHA, noise, clamp))
 
 
 @pytest.mark.parametrize("backend", FAST)
@@ -101,6 +104,17 @@ def test_graph_replays_draw_fresh_noise_and_read_parameters_live():
     torch.testing.assert_close(_run(chain, model, x), _run(reference_chain, model, x), rtol=0, atol=ATOL)
 
 
+def test_graph_bf16_casts_weights_once_and_matches_fused():
+    """graph under bf16 uses bf16 weight copies made once per replay; fused runs the same loop
+    and kernel update with per-op autocast, which casts to the same values: same chain."""
+    graph, fused, model, x = _chain("graph"), _chain("fused"), _model(), _x()
+    spec = ChainSpec(STEPS, ALPHA, 0.0, False, torch.bfloat16)
+    with sampling_mode(model):
+        ref, out = fused(model, x, None, spec), graph(model, x, None, spec)
+    assert (ref - x).abs().max() > 0.05
+    torch.testing.assert_close(out, ref, rtol=0, atol=ATOL)
+
+
 def test_graph_leaves_grads_and_mode_alone():
     chain, model, x = _chain("graph"), _model(), _x()
     model.train()
@@ -116,7 +130,7 @@ def _median_chain_s(chain, model, x, n: int = 5) -> float:
         for _ in range(n + 2):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            chain(model, x, None, STEPS, ALPHA, SIGMA)
+            chain(model, x, None, ChainSpec(STEPS, ALPHA, SIGMA))
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
     return statistics.median(times[2:])
@@ -147,6 +161,7 @@ def test_pcd_step_does_not_sync():
     assert torch.isfinite(buffer.data).all()
 
 
+@pytest.mark.compile
 def test_compile_training_has_no_sync_inside_the_chain(tmp_path, monkeypatch):
     from tests.conftest import tiny_digits_config
     from jemfast.train import train
@@ -174,6 +189,7 @@ def test_compile_training_has_no_sync_inside_the_chain(tmp_path, monkeypatch):
     assert not flagged, flagged[:3]
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("backend", ["compile"])
 def test_compile_chain_does_not_sync_after_warmup(backend):
     chain, model, x = _chain(backend), _model(), _x()

@@ -1,4 +1,4 @@
-"""jemfast.kernels.buffer: fused gather + U(-1, 1) re-init, and the row write-back.
+"""jemfast.kernels.buffer: fused gather + U(-1, 1) re-init.
 
 Runs on CUDA when present, otherwise on the CPU under Triton's interpreter; tests/conftest.py
 sets ``TRITON_INTERPRET=1`` before anything imports triton.
@@ -19,7 +19,7 @@ from tests.conftest import triton_marker  # sets TRITON_INTERPRET=1 on machines 
 pytest.importorskip("triton", reason="triton is not installed")
 
 from jemfast.kernels import new_rng_state  # noqa: E402
-from jemfast.kernels.buffer import gather_reinit, gather_reinit_reference, scatter_rows_  # noqa: E402
+from jemfast.kernels.buffer import gather_reinit, gather_reinit_reference  # noqa: E402
 
 DEVICE, pytestmark = triton_marker()
 
@@ -122,20 +122,37 @@ def test_uniform_noise_fresh_per_call_and_reproducible():
     assert not torch.equal(a, _uniform_stats_sample(9))
 
 
-@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
-def test_scatter_rows_matches_reference(x_dtype):
-    buffer = torch.randn(13, 3, 5, 5, device=DEVICE)
-    idx = torch.tensor([12, 0, 5], device=DEVICE)
-    x = torch.randn(3, 3, 5, 5, device=DEVICE).to(x_dtype)
-    expected = buffer.clone()
-    for row, i in enumerate(idx.tolist()):
-        expected[i] = x[row].float()
-    assert scatter_rows_(buffer, idx, x) is None
-    assert torch.equal(buffer, expected)
-    with pytest.raises(ValueError, match="shape"):
-        scatter_rows_(buffer, idx, x[:2])
-    with pytest.raises(ValueError, match="idx"):
-        scatter_rows_(buffer, idx.view(3, 1), x)
+def test_replay_buffer_saves_and_reseeds_the_kernel_stream():
+    from jemfast.buffer import ReplayBuffer
+
+    def buffer() -> ReplayBuffer:
+        buf = ReplayBuffer(50, (3, 4), reinit_freq=0.5, device=DEVICE)
+        buf._use_kernel = True  # what a CUDA buffer does; here under the interpreter
+        return buf
+
+    def draw(buf: ReplayBuffer) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(1)  # indices and masks come from torch's generator
+        return buf.sample(16)
+
+    buf = buffer()
+    assert "kernel_rng_state" not in buf.state_dict()
+    draw(buf)
+    state = buf.state_dict()
+    assert state["kernel_rng_state"][1].item() == 16 * 12
+    a, ia = draw(buf)
+    other = buffer()
+    other.load_state_dict(state)
+    b, ib = draw(other)
+    assert torch.equal(a, b) and torch.equal(ia, ib)
+    old = {k: v for k, v in state.items() if k != "kernel_rng_state"}  # a checkpoint from before
+    buffer().load_state_dict(old)
+    buf.reseed(5)
+    c, _ = draw(buf)
+    buf.reseed(5)
+    d, _ = draw(buf)
+    buf.reseed(6)
+    e, _ = draw(buf)
+    assert torch.equal(c, d) and not torch.equal(c, e)
 
 
 @pytest.mark.gpu

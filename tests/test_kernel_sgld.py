@@ -82,12 +82,39 @@ def test_clamp_limits_to_unit_interval():
     assert noisy.abs().max().item() == 1.0
 
 
+def test_clamp_keeps_nan_in_kernel_and_references():
+    """A diverged chain must stay visible: NaN through the clamp is NaN, not -1."""
+    from jemfast.sgld import torch_update
+
+    x = torch.tensor([float("nan"), 0.5, 3.0, -3.0, float("inf"), float("-inf"), 0.0], device=DEVICE)
+    grad = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, float("nan")], device=DEVICE)
+    expected = torch.tensor([float("nan"), 0.5, 1.0, -1.0, 1.0, -1.0, float("nan")])
+    for out in (sgld_update_(x.clone(), grad, 1.0, 0.0, new_rng_state(0, DEVICE), clamp=True),
+                sgld_update_reference(x, grad, 1.0, 0.0, clamp=True),
+                torch_update(x, grad, 1.0, 0.0, clamp=True)):
+        out = out.cpu()
+        assert torch.equal(out.isnan(), expected.isnan()), out
+        assert torch.equal(out[~out.isnan()], expected[~expected.isnan()]), out
+    noisy = sgld_update_(x.clone(), grad, 1.0, 0.3, new_rng_state(0, DEVICE), clamp=True).cpu()
+    assert torch.equal(noisy.isnan(), expected.isnan()) and noisy[~noisy.isnan()].abs().max() <= 1.0
+
+
 def test_non_contiguous_grad_is_handled():
     x = torch.randn(6, 5, device=DEVICE)
     grad = torch.randn(5, 6, device=DEVICE).t()
     assert not grad.is_contiguous()
     expected = sgld_update_reference(x, grad, 0.2, 0.0)
     sgld_update_(x, grad, 0.2, 0.0, new_rng_state(0, DEVICE))
+    _assert_close(x, expected)
+
+
+def test_channels_last_x_is_updated_in_its_own_layout():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 3, 5, 5, generator=gen).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(4, 3, 5, 5, generator=gen).to(DEVICE)  # NCHW: the launcher matches x's layout
+    expected = sgld_update_reference(x, grad, 0.3, 0.0, clamp=True)
+    out = sgld_update_(x, grad, 0.3, 0.0, new_rng_state(0, DEVICE), clamp=True)
+    assert out is x and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     _assert_close(x, expected)
 
 

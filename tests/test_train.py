@@ -80,3 +80,36 @@ def test_load_checkpoint_for_library_users(tiny_cfg):
     assert not model.training and loaded["config"].data.dataset == "digits"
     x = buf.data[:4]
     assert model.energy(x).shape == (4,) and model(x).shape == (4, 10)
+
+
+def test_fused_backend_resume_is_bit_exact(tmp_path):
+    """The fused Triton SGLD (CPU interpreter here) keeps its Philox state in checkpoints."""
+    from jemfast.kernels import triton_available
+
+    if not triton_available("cpu"):
+        import pytest
+
+        pytest.skip("Triton interpreter unavailable (TRITON_INTERPRET=1 must be set before triton is imported)")
+    kw = dict(sampler__backend="fused", sampler__n_steps=2, sampler__buffer_size=100, run__ckpt_every=0)
+    train(tiny_digits_config(tmp_path / "a", optim__epochs=2, **kw))
+    train(tiny_digits_config(tmp_path / "b", optim__epochs=1, **kw))
+    train(tiny_digits_config(tmp_path / "b", optim__epochs=2, run__resume=True, **kw))
+    a = read_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
+    b = read_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
+    assert a["sampler"]["rng_state"] is not None
+
+    def tensors(obj, prefix=""):
+        if isinstance(obj, torch.Tensor):
+            yield prefix, obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                yield from tensors(v, f"{prefix}.{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                yield from tensors(v, f"{prefix}[{i}]")
+
+    ta, tb = dict(tensors({k: a[k] for k in ("model", "optimizer", "buffer", "sampler", "rng")})), \
+        dict(tensors({k: b[k] for k in ("model", "optimizer", "buffer", "sampler", "rng")}))
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import REPO
+
 pytest.importorskip("ray", reason="the tune extra (ray[tune]) is not installed")
 
 pytestmark = pytest.mark.slow
@@ -29,8 +31,12 @@ def tune_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "jemfast.tune", "--verbose", "0", *args]
 
 
+# the commands run in a temporary directory, on this source tree (not whatever jemfast is installed)
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
 def run_tune(args: list[str], cwd: Path, timeout: float = 420) -> subprocess.CompletedProcess:
-    return subprocess.run(tune_cmd(*args), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(tune_cmd(*args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
 def trials(exp: Path) -> list[dict]:
@@ -72,7 +78,7 @@ def test_smoke_test_end_to_end(tmp_path):
     argv = shlex.split(cmd)
     argv = [sys.executable, *argv[1:], "--epochs", "1", "--out", str(tmp_path / "best"), "--no-progress"]
     # one torch thread, as each trial had: two threads on a busy 2-core box are many times slower
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**ENV, "OMP_NUM_THREADS": "1"}
     best = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert best.returncode == 0, best.stderr
     summary = json.loads((tmp_path / "best" / "summary.json").read_text())
@@ -106,7 +112,7 @@ def test_resume_continues_an_interrupted_experiment(tmp_path):
     storage = tmp_path / "tune"
     args = ["--smoke-test", "--storage-path", str(storage), "--name", "res", "--scheduler", "fifo",
             "--num-samples", "2", "--space", "inject_divergence=-1", "--max-epochs", "4"]
-    proc = subprocess.Popen(tune_cmd(*args), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(tune_cmd(*args), cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     exp = storage / "res"
     try:

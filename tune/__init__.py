@@ -2,8 +2,12 @@
 
 - :mod:`jemfast.tune.objective`: the score (validation accuracy + energy-gap stability - restart
   penalties); pure Python, usable without Ray.
-- :mod:`jemfast.tune.space`: the searched parameters and their ranges.
-- :mod:`jemfast.tune.trainable`: the function trainable around ``jemfast.train.train``.
+- :mod:`jemfast.tune.space`: the searched parameters and their ranges (Ray search spaces,
+  checked against the config's declared bounds).
+- :mod:`jemfast.tune.plan`: the command's options, the experiment plan and its directory.
+- :mod:`jemfast.tune.trainable`: the function trainable around ``jemfast.train.train``
+  (:mod:`jemfast.tune.restore`: a Tune checkpoint back into a trial's run directory).
+- :mod:`jemfast.tune.run`: Ray start-up, the Tuner, graceful stop, outputs.
 - :mod:`jemfast.tune.results`: results table, best command, search plot.
 - :mod:`jemfast.tune.cli`: the command line (local Ray or an existing cluster).
 

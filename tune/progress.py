@@ -1,16 +1,20 @@
-"""Quiet console progress (``--verbose 1``): one line per ended, failed or retried trial."""
+"""Quiet console progress (``--verbose 1``): one log line per ended, failed or retried trial."""
 from __future__ import annotations
 
 from typing import Any
 
 from ray import tune
 
+from jemfast.log import get_logger
+
+log = get_logger("jemfast.tune")
+
 
 def _line(trial: Any, what: str) -> None:
     r = trial.last_result or {}
     fig = ", ".join(f"{k} {r[k]:.4g}" if isinstance(r.get(k), float) else f"{k} {r[k]}"
                     for k in ("epoch", "score", "valid_acc", "restarts") if k in r)
-    print(f"[jemfast.tune] trial {trial.trial_id} {what}" + (f": {fig}" if fig else ""), flush=True)
+    log.info(f"trial {trial.trial_id} {what}" + (f": {fig}" if fig else ""))
 
 
 class Progress(tune.Callback):

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from jemfast.checkpoint import atomic_save, read_checkpoint
-from jemfast.config import Config, validate
+from jemfast.config import Config
 
-from .space import apply_values, clamp
+from .space import space_from_json, trial_overrides
 
 RUN_DIR = "run"
 CKPT_FILE = "last.pt"
@@ -25,11 +25,10 @@ STATE_FILE = "tune_state.json"
 ATTEMPTS_FILE = "attempts.jsonl"
 
 
-def trial_config(base: dict[str, Any], params: dict[str, Any], specs: dict[str, Any]) -> Config:
-    """The trial's validated Config: ``base`` with the (clamped) searched ``params`` applied."""
-    cfg = Config.from_dict(base)
-    apply_values(cfg, clamp(specs, params))
-    return validate(cfg)
+def trial_config(base: dict[str, Any], params: dict[str, Any], space: dict[str, Any]) -> Config:
+    """The trial's validated Config: ``base`` (``Config.to_dict()``) with the searched ``params``
+    (by parameter name; kept inside the ranges of ``space``, its JSON form) applied."""
+    return Config.from_dict(base).with_overrides(trial_overrides(space_from_json(space), params))
 
 
 def _resize_rows(rows: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:

@@ -20,11 +20,14 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from .space import INT_PARAMS, PARAMS, Spec, flag_for
+from jemfast.config import Config, field_kind
+from jemfast.errors import one_line
+from jemfast.schema import to_argv
+
+from .space import KEYS, TESTING_AIDS, Range, key_of
 
 STATUSES = ("finished", "stopped", "diverged", "error", "pending")
 METRIC_COLUMNS = ("score", "valid_acc", "quality", "gap_mean", "gap_std", "restarts", "epoch", "step")
-TESTING_AIDS = ("inject_divergence",)
 
 
 def _num(x: Any) -> float:
@@ -49,10 +52,10 @@ def row_from_result(metrics: dict[str, Any] | None, config: dict[str, Any], path
     for key in METRIC_COLUMNS:
         v = _num(metrics.get(key))
         row[key] = int(v) if key in ("restarts", "epoch", "step") and math.isfinite(v) else v
-    row.update({k: config[k] for k in PARAMS if k in config})
+    row.update({k: v for k, v in config.items() if k in KEYS.values()})
+    row["node_id"] = str(metrics.get("node_id", ""))
     row["path"] = path or ""
-    text = "" if error is None else str(error).strip()
-    row["error"] = "" if error is None else text.splitlines()[0][:300] if text else type(error).__name__
+    row["error"] = "" if error is None else one_line(str(error), 300) or type(error).__name__
     return row
 
 
@@ -68,7 +71,7 @@ def _json_safe(v: Any) -> Any:
 def write_table(rows: list[dict[str, Any]], exp_dir: Path, extra: dict[str, Any]) -> tuple[Path, Path]:
     """Write results.csv and results.json (rows already sorted). Returns both paths."""
     columns = ["rank", "trial_id", "status", *METRIC_COLUMNS]
-    columns += [k for k in PARAMS if any(k in r for r in rows)] + ["path", "error"]
+    columns += [k for k in KEYS.values() if any(k in r for r in rows)] + ["node_id", "path", "error"]
     csv_path, json_path = exp_dir / "results.csv", exp_dir / "results.json"
     with open(csv_path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
@@ -89,34 +92,29 @@ def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return None
 
 
-def format_value(name: str, v: Any) -> str:
-    return str(int(round(float(v)))) if name in INT_PARAMS else format(float(v), ".6g")
+def searched_value(name: str, v: Any) -> Any:
+    """A trial's value as a command line gives it: integers whole, floats to 6 digits."""
+    if field_kind(key_of(name)).base is int:
+        return int(round(float(v)))
+    return float(format(float(v), ".6g")) if isinstance(v, float) else v
 
 
-def train_argv(pairs: list[list[Any]]) -> list[str]:
-    """``[[flag, value-or-None], ...]`` (None: a switch) as an argv list."""
-    argv: list[str] = []
-    for flag, value in pairs:
-        argv += [flag] if value is None else [flag, str(value)]
-    return argv
-
-
-def best_command(row: dict[str, Any], train_pairs: list[list[Any]], epochs: int, out: str) -> str:
+def best_command(row: dict[str, Any], train_overrides: dict[str, Any], epochs: int, out: str) -> str:
     """``python -m jemfast.train`` with the experiment's training flags and the row's values.
 
-    Flags the row sets replace the same flags in ``train_pairs``; testing aids
+    The row's parameters replace the same training flags; testing aids
     (``--inject-divergence``) and ``--epochs``/``--out`` are dropped and set afresh.
     """
-    params = {k: row[k] for k in PARAMS if k in row and k not in TESTING_AIDS}
-    drop = {flag_for(PARAMS[k]) for k in (*params, *TESTING_AIDS)} | {"--epochs", "--out"}
-    argv = train_argv([p for p in train_pairs if p[0] not in drop])
-    for k, v in params.items():
-        argv += [flag_for(PARAMS[k]), format_value(k, v)]
-    argv += ["--epochs", str(epochs), "--out", out]
-    return shlex.join(["python", "-m", "jemfast.train", *argv])
+    params = {key_of(k): searched_value(k, row[k]) for k in KEYS.values()
+              if k in row and key_of(k) not in TESTING_AIDS}
+    drop = {*params, *TESTING_AIDS, "optim.epochs", "run.out"}
+    values = {k: v for k, v in train_overrides.items() if k not in drop}
+    values.update(params)
+    values.update({"optim.epochs": epochs, "run.out": out})
+    return shlex.join(["python", "-m", "jemfast.train", *to_argv(Config, values)])
 
 
-def plot_search(rows: list[dict[str, Any]], specs: dict[str, Spec], path: Path) -> Path | None:
+def plot_search(rows: list[dict[str, Any]], space: dict[str, Range], path: Path) -> Path | None:
     """search.png: per searched parameter, score (top) and divergence rate (bottom).
 
     A trial counts as diverging if it needed at least one restart or ended ``diverged``.
@@ -127,14 +125,14 @@ def plot_search(rows: list[dict[str, Any]], specs: dict[str, Spec], path: Path) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n, sp in specs.items() if sp.searched and n not in TESTING_AIDS]
+    names = [n for n, r in space.items() if r.searched and key_of(n) not in TESTING_AIDS]
     rows = [r for r in rows if r["status"] != "error"]
     if not names or not rows:
         return None
     colors = {"finished": "tab:blue", "stopped": "tab:gray", "diverged": "tab:red"}
     fig, axes = plt.subplots(2, len(names), figsize=(3.6 * len(names), 6.2), squeeze=False)
     for j, name in enumerate(names):
-        sp = specs[name]
+        sp = space[name]
         xs = [float(r[name]) for r in rows if name in r]
         sub = [r for r in rows if name in r]
         diverging = [(r["restarts"] if isinstance(r["restarts"], int) else 0) > 0 or r["status"] == "diverged"

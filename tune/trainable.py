@@ -3,7 +3,7 @@
 Per trial directory (``EXPERIMENT/<trial dir name>``, beside Tune's result.json and checkpoints)::
 
     run/            the jemfast run directory (metrics.jsonl, summary.json, checkpoints/, samples/)
-    attempts.jsonl  one line per start of the trainable: pid, and the epoch/step it resumed at
+    attempts.jsonl  one line per start of the trainable: pid, Ray node id, and the epoch/step it resumed at
 
 Every epoch the trainable reports the epoch's metrics plus the objective (jemfast.tune.objective)
 and, every ``checkpoint_interval`` epochs and at the last one, a Tune checkpoint: a directory
@@ -53,6 +53,13 @@ def _link_or_copy(src: str | Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
+def _node_id() -> str:
+    """The Ray node this trial runs on (a cluster places trials across nodes)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
 def _finite(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
 
@@ -69,7 +76,7 @@ class EpochReporter:
     def metrics(self, epoch: int, step: int, valid_acc: float, restarts: int, status: str) -> dict[str, Any]:
         fig = evaluate(self.run_dir / "metrics.jsonl", valid_acc, restarts, status == "diverged", epoch, self.weights)
         return {"epoch": epoch, "step": step, "valid_acc": valid_acc, "restarts": restarts,
-                "status": status, **fig}
+                "status": status, "node_id": _node_id(), **fig}
 
     def __call__(self, d: dict[str, Any]) -> None:
         if d["done"]:
@@ -110,11 +117,11 @@ def jem_trainable(config: dict[str, Any], base: dict[str, Any] | None = None,
     """Ray Tune function trainable (wrap with ``tune.with_parameters(jem_trainable, base=, settings=)``).
 
     ``base``: ``Config.to_dict()`` of the experiment; ``config``: this trial's searched values;
-    ``settings``: weights, specs, checkpoint_interval, threads, gpus_per_trial, kill_at_epoch.
+    ``settings``: weights, space, checkpoint_interval, threads, gpus_per_trial, kill_at_epoch.
     """
     assert base is not None and settings is not None
     torch.set_num_threads(max(1, int(settings.get("threads", 1))))
-    cfg = trial_config(base, config, settings["specs"])
+    cfg = trial_config(base, config, settings["space"])
     if cfg.run.device == "auto" and not settings.get("gpus_per_trial"):
         cfg.run.device = "cpu"  # no GPU was reserved for this trial: do not grab one
     trial_dir = _trial_dir(settings)
@@ -130,7 +137,7 @@ def jem_trainable(config: dict[str, Any], base: dict[str, Any] | None = None,
         cfg.run.resume, cfg.run.overwrite = False, True
     trial_dir.mkdir(parents=True, exist_ok=True)
     with open(trial_dir / ATTEMPTS_FILE, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"pid": os.getpid(), "time": time.time(), "resumed": checkpoint is not None,
+        f.write(json.dumps({"pid": os.getpid(), "node_id": _node_id(), "time": time.time(), "resumed": checkpoint is not None,
                             "epoch": state["epoch"], "step": state["step"],
                             "config": {k: v for k, v in config.items()}}) + "\n")
     reporter = EpochReporter(run_dir, trial_dir, settings, resumed=checkpoint is not None)

@@ -4,8 +4,10 @@ from __future__ import annotations
 import sys
 
 from ..cli import run_cli
+from ..log import setup_cli_logging
+from ..paths import check_writable_dir
 from .options import options_from_args
-from .runner import run_eval
+from .runner import default_out, exit_on_signals, run_eval
 
 
 def summary_lines(r: dict) -> list[str]:
@@ -30,7 +32,9 @@ def summary_lines(r: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     def _run() -> int:
-        results = run_eval(options_from_args(argv))
+        opts = options_from_args(argv)
+        check_writable_dir(opts.out or default_out(opts.checkpoint), "--out")  # before any work
+        results = run_eval(opts)
         for line in summary_lines(results):
             print(line)
         out = results.get("out_dir", "")
@@ -38,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
               f"in {results['timings_s']['total']:.0f} s")
         return 0
 
-    return run_cli(_run, "jemfast.eval")
+    setup_cli_logging("jemfast.eval")
+    with exit_on_signals("jemfast.eval"):
+        return run_cli(_run, "jemfast.eval")
 
 
 if __name__ == "__main__":

@@ -1,22 +1,22 @@
-"""Inception Score and Frechet Inception Distance of the model's samples.
+"""Inception Score and Frechet Inception Distance of the model's samples, with the standard
+FID Inception network, so the numbers are comparable with published ones (the paper's IS 8.76,
+FID 38.4 on CIFAR-10).
 
-Maths (own implementation):
+Network and maths are torch-fidelity's: ``FeatureExtractorInceptionV3`` is the TF-Inception
+graph of the original IS/FID code ported to PyTorch (with the TF 1.x bilinear resize to
+299x299), the same network torchmetrics uses. Features: the 2048-d pool3 vector for FID and the
+1008-way logits without the fc bias for IS (as the original IS code). IS and FID come from
+``isc_features_to_metric`` (10 splits after torch-fidelity's fixed shuffle) and
+``fid_statistics_to_metric``.
 
-- IS = exp( E_x KL( p(y|x) || p(y) ) ), p(y) the mean of p(y|x) over the split; reported as
-  mean and std over ``splits`` equal splits (Salimans et al., 2016).
-- FID = ||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)) of Gaussians fitted to two
-  feature sets (Heusel et al., 2017). Tr((S_1 S_2)^(1/2)) is computed in float64 by symmetric
-  eigendecompositions: with R = S_1^(1/2) (eigh), S_1 S_2 is similar to the symmetric PSD
-  matrix R S_2 R, whose eigenvalues' square roots sum to the trace (tiny negative
-  eigenvalues from rounding are clipped to 0).
+Weights (``weights-inception-2015-12-05-6726825d.pth``, the TF weights in torch-fidelity's
+layout, ~95 MB) load from ``--inception-weights PATH`` or from the torch hub cache where
+torch-fidelity puts them; nothing is downloaded. The file is read with ``weights_only=True``
+first, so a file holding pickled code is refused before the library reads it.
 
-Features: torchvision's ``inception_v3`` (2048-d pool features, 1008/1000-way logits) loaded
-from ``--inception-weights`` (a state_dict file) or torchvision's hub cache; nothing is
-downloaded. Images in [-1, 1] are resized (bilinear) to 299x299 and 1-channel images repeated
-to 3 channels; ``transform_input=False`` since the weights expect [-1, 1] inputs. These are
-torchvision's port of the weights, so the numbers are *not* comparable with the TF-Inception
-values in the paper. For 8x8 digits IS/FID are not meaningful (an ImageNet network sees 37x
-upscaled blobs); they are still computed when weights are given, marked as such.
+Images in [-1, 1] become uint8 RGB as when saved to PNG (1-channel images repeated to 3). For
+8x8 digits IS/FID are not meaningful (an ImageNet network sees 37x upscaled blobs); they are
+still computed when weights are given, marked as such.
 
 Samples scored (paper appendix B): the checkpoint's replay buffer ("unconditional"), and its
 top 10 % by max_y p(y|x) ("conditional"); or fresh short-run chains (``--gen-source
@@ -29,74 +29,74 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from .common import Skipped, eval_mode, logits_of, progress
+from .common import Skipped, logits_of, progress
 
 # extractor(x: Tensor[B, C, H, W] in [-1, 1]) -> (features: Tensor[B, D], logits: Tensor[B, K])
 Extractor = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-INCEPTION_FILE = "inception_v3_google-0cc3c7bd.pth"
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+FEATURES = ["2048", "logits_unbiased"]  # torch-fidelity's names: FID features, IS logits
 
 
-def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean ``[D]`` and covariance ``[D, D]`` (unbiased, float64) of ``features: [N, D]``."""
-    f = np.asarray(features, dtype=np.float64)
-    if f.ndim != 2 or f.shape[0] < 2:
-        raise ValueError("FID needs at least 2 feature vectors")
-    return f.mean(0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
-
-
-def _sqrt_psd(s: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh((s + s.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
-def trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
-    """Tr((S1 S2)^(1/2)) for symmetric PSD S1, S2."""
-    r = _sqrt_psd(np.asarray(s1, dtype=np.float64))
-    m = r @ np.asarray(s2, dtype=np.float64) @ r
-    w = np.linalg.eigvalsh((m + m.T) / 2)
-    return float(np.sqrt(np.clip(w, 0, None)).sum())
+def to_uint8_rgb(x: torch.Tensor) -> torch.Tensor:
+    """``Tensor[B, C, H, W]`` in [-1, 1] -> uint8 ``[B, 3, H, W]`` rounded as a PNG writer does."""
+    u8 = ((x.float().clamp(-1, 1) + 1) * 127.5 + 0.5).floor().to(torch.uint8)
+    return u8.expand(-1, 3, -1, -1) if u8.shape[1] == 1 else u8
 
 
 def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
-    diff = np.asarray(mu1, dtype=np.float64) - np.asarray(mu2, dtype=np.float64)
-    fid = diff @ diff + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt_product(s1, s2)
-    return float(max(fid, 0.0))
+    """FID = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) of two Gaussians (float64);
+    rounding can take it a hair below 0, clipped to 0."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    def as64(a: np.ndarray) -> np.ndarray:
+        return np.asarray(a, dtype=np.float64)
+
+    out = fid_statistics_to_metric({"mu": as64(mu1), "sigma": as64(s1)},
+                                   {"mu": as64(mu2), "sigma": as64(s2)}, verbose=False)
+    return max(float(out[KEY_METRIC_FID]), 0.0)
 
 
-def fid_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
-    return frechet_distance(*gaussian_stats(f1), *gaussian_stats(f2))
+def fid_from_features(f1: np.ndarray | torch.Tensor, f2: np.ndarray | torch.Tensor) -> float:
+    """FID between two feature sets ``[N1, D]`` and ``[N2, D]`` (each N >= 2)."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    stats = []
+    for f in (f1, f2):
+        t = torch.as_tensor(np.asarray(f), dtype=torch.float64)
+        if t.ndim != 2 or t.shape[0] < 2:
+            raise ValueError("FID needs at least 2 feature vectors")
+        stats.append(fid_features_to_statistics(t))
+    return frechet_distance(stats[0]["mu"], stats[0]["sigma"], stats[1]["mu"], stats[1]["sigma"])
 
 
-def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
-    """(mean, std) of IS over ``splits`` equal parts of ``probs: [N, K]`` (rows sum to 1)."""
-    p = np.asarray(probs, dtype=np.float64)
-    splits = max(1, min(splits, p.shape[0]))
-    scores = []
-    for part in np.array_split(p, splits):
-        py = part.mean(0, keepdims=True)
-        kl = (part * (np.log(np.clip(part, 1e-30, None)) - np.log(np.clip(py, 1e-30, None)))).sum(1)
-        scores.append(float(np.exp(kl.mean())))
-    return float(np.mean(scores)), float(np.std(scores))
+def inception_score(logits: np.ndarray | torch.Tensor, splits: int = 10) -> tuple[float, float]:
+    """(mean, std) over ``splits`` parts of IS = exp(E_x KL(p(y|x) || p(y))) of ``logits: [N, K]``
+    (Salimans et al., 2016); the rows are shuffled with torch-fidelity's fixed seed first."""
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+
+    t = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    out = isc_features_to_metric(t, splits=max(1, min(splits, t.shape[0])))
+    return float(out[KEY_METRIC_ISC_MEAN]), float(out[KEY_METRIC_ISC_STD])
 
 
 def extract(extractor: Extractor, x: torch.Tensor, batch_size: int, show: bool,
             desc: str) -> tuple[np.ndarray, np.ndarray]:
-    feats, probs = [], []
+    """(features ``[N, D]``, logits ``[N, K]``) of ``x`` in float64 on the CPU."""
+    feats, logits = [], []
     with torch.no_grad():
         starts = range(0, x.shape[0], batch_size)
         for i in progress(starts, desc, show, total=len(starts)):
-            f, logits = extractor(x[i:i + batch_size])
+            f, lg = extractor(x[i:i + batch_size])
             feats.append(f.double().cpu())
-            probs.append(torch.softmax(logits.double(), 1).cpu())
-    return torch.cat(feats).numpy(), torch.cat(probs).numpy()
+            logits.append(lg.double().cpu())
+    return torch.cat(feats).numpy(), torch.cat(logits).numpy()
 
 
 def find_inception_weights(path: str | None) -> Path:
-    """The weights file to use, or Skipped saying why there is none."""
+    """The weights file to use, or Skipped saying where to put one."""
     if path:
         p = Path(path)
         if not p.is_file():
@@ -105,32 +105,32 @@ def find_inception_weights(path: str | None) -> Path:
     cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
     if cached.is_file():
         return cached
-    raise Skipped(f"generation: no Inception weights (give --inception-weights PATH to a torchvision "
-                  f"inception_v3 state_dict, or put {INCEPTION_FILE} in {cached.parent}); IS/FID skipped")
+    raise Skipped(f"generation: no FID Inception weights; put {INCEPTION_FILE} (torch-fidelity's) in "
+                  f"{cached.parent} or give --inception-weights PATH; IS/FID skipped")
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if ln.startswith(("Missing key", "Unexpected key", "size mismatch"))]
+    return ((useful or lines or [type(exc).__name__])[0])[:120]
 
 
 def inception_extractor(weights: Path, device: torch.device) -> Extractor:
-    from torchvision.models import inception_v3
+    """The FID Inception network with ``weights`` on ``device`` as an :data:`Extractor`."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        net = inception_v3(weights=None, aux_logits=True, transform_input=False, init_weights=False,
-                           num_classes=state["fc.weight"].shape[0])
-        net.load_state_dict(state)
-    except Exception as exc:  # wrong file, corrupt file, pickled objects
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
-        raise UserError(f"inception weights {weights} could not be loaded ({reason})") from None
+        torch.load(weights, map_location="cpu", weights_only=True)
+        net = FeatureExtractorInceptionV3("inception-v3-compat", list(FEATURES),
+                                          feature_extractor_weights_path=str(weights))
+    except Exception as exc:  # wrong file, corrupt file, pickled objects, another network's layout
+        raise UserError(f"inception weights {weights} could not be loaded as the FID Inception "
+                        f"network ({_first_line(exc)})") from None
     net = net.to(device).eval()
-    pooled: dict[str, torch.Tensor] = {}
-    net.avgpool.register_forward_hook(lambda _m, _i, out: pooled.__setitem__("f", out.flatten(1)))
 
     def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x.to(device).float()
-        if x.shape[1] == 1:
-            x = x.repeat(1, 3, 1, 1)
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        logits = net(x)
-        return pooled["f"], logits
+        features, logits = net(to_uint8_rgb(x).to(device))
+        return features, logits
 
     return run
 
@@ -150,13 +150,12 @@ def generated_images(model: nn.Module, buffer, source: str, sampler, n: int, inp
 def generation_scores(model: nn.Module, extractor: Extractor, fake: torch.Tensor, real: torch.Tensor,
                       batch_size: int, splits: int, show: bool) -> dict[str, Any]:
     """IS of all samples and of the top 10 % by max_y p(y|x) under ``model``; FID to ``real``."""
-    f_fake, p_fake = extract(extractor, fake, batch_size, show, "generation: samples")
+    f_fake, l_fake = extract(extractor, fake, batch_size, show, "generation: samples")
     f_real, _ = extract(extractor, real, batch_size, show, "generation: real")
-    with eval_mode(model):
-        conf = torch.softmax(logits_of(model, fake), 1).max(1).values.cpu().numpy()
+    conf = torch.softmax(logits_of(model, fake), 1).max(1).values.cpu().numpy()
     top = np.argsort(-conf)[:max(2, len(conf) // 10)]
-    is_all, is_all_std = inception_score(p_fake, splits)
-    is_top, is_top_std = inception_score(p_fake[top], splits)
+    is_all, is_all_std = inception_score(l_fake, splits)
+    is_top, is_top_std = inception_score(l_fake[top], splits)
     return {"inception_score": is_all, "inception_score_std": is_all_std,
             "inception_score_top10": is_top, "inception_score_top10_std": is_top_std,
             "fid": fid_from_features(f_fake, f_real), "fid_top10": fid_from_features(f_fake[top], f_real),

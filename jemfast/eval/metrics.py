@@ -2,15 +2,17 @@
 
 - ECE (Guo et al., 2017): confidences split into ``n_bins`` equal-width bins
   ``B_m = ((m-1)/M, m/M]`` (a confidence of exactly 0 goes to the first bin);
-  ``ECE = sum_m |B_m|/n * |acc(B_m) - conf(B_m)|``.
-- AUROC as the Mann-Whitney statistic: the probability that a random positive scores higher
-  than a random negative, ties counted one half (average ranks). Convention used everywhere in
+  ``ECE = sum_m |B_m|/n * |acc(B_m) - conf(B_m)|``. Written here because the library versions
+  bin differently at the edges (torchmetrics' bins are left-closed and put a confidence of
+  exactly 1, common with saturated softmax, in a bin of its own).
+- AUROC: scikit-learn's ``roc_auc_score`` (ties count one half). Convention used everywhere in
   jemfast.eval: in-distribution is the positive class and a higher score means "more
   in-distribution". NaN scores are treated as -inf (least in-distribution).
 """
 from __future__ import annotations
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 
 def reliability_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 20) -> dict[str, np.ndarray]:
@@ -43,23 +45,16 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bi
     return float((bins["count"][filled] / n * gaps).sum())
 
 
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``values``; tied values share the mean of their ranks."""
-    order = np.argsort(values, kind="mergesort")
-    sorted_v = values[order]
-    _, first, counts = np.unique(sorted_v, return_index=True, return_counts=True)
-    ranks = np.empty(len(values), dtype=np.float64)
-    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)
-    return ranks
-
-
 def auroc(pos_scores: np.ndarray, neg_scores: np.ndarray) -> float:
-    """Area under the ROC curve with ``pos_scores`` (in-distribution) as the positive class."""
+    """Area under the ROC curve with ``pos_scores`` (in-distribution) as the positive class;
+    NaN when either side is empty."""
     pos = np.asarray(pos_scores, dtype=np.float64).ravel()
     neg = np.asarray(neg_scores, dtype=np.float64).ravel()
     if len(pos) == 0 or len(neg) == 0:
         return float("nan")
     scores = np.nan_to_num(np.concatenate([pos, neg]), nan=-np.inf, posinf=np.inf, neginf=-np.inf)
-    ranks = _average_ranks(scores)
-    n_pos, n_neg = len(pos), len(neg)
-    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    # AUROC depends only on the order of the scores: dense ranks keep order and ties and are
+    # finite, which roc_auc_score requires (it refuses +-inf)
+    ranks = np.unique(scores, return_inverse=True)[1].astype(np.float64)
+    labels = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    return float(roc_auc_score(labels, ranks))

@@ -17,7 +17,6 @@ mean "more in-distribution". OOD sets (``--ood``):
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import DataBundle
-from .common import Skipped, eval_mode, is_image, progress, say
+from ..log import get_logger
+from ..modes import eval_mode
+from .common import Skipped, is_image, progress
 from .figures import plt, save
 from .metrics import auroc
 
@@ -37,6 +38,7 @@ SYNTHETIC = ("noise", "constant", "interp")
 TRANSFORMS = ("inverted", "rot90", "hflip", "vflip")
 DATASETS = ("svhn", "cifar10", "cifar100", "celeba")
 OOD_SETS = SYNTHETIC + TRANSFORMS + DATASETS
+log = get_logger(__name__)
 
 
 def default_ood(dataset: str) -> tuple[str, ...]:
@@ -101,16 +103,13 @@ def _load_dataset(name: str, data_dir: str) -> torch.Tensor:
     """Test split of a torchvision dataset as ``Tensor[N, 3, 32, 32]`` in [-1, 1] (CPU)."""
     if name == "celeba":
         return _load_celeba(data_dir)
-    from ..data import _torchvision_arrays
-    from ..errors import UserError
+    from ..data import DatasetUnavailable, torchvision_arrays, uint8_to_unit_range
 
     try:
-        arr, _ = _torchvision_arrays(name, data_dir, train=False)
-    except UserError as exc:
-        found = re.search(r"\((.*)\); download", str(exc))
-        reason = (found.group(1) if found else str(exc))[:100]
-        raise Skipped(f"{name}: not available ({reason}); put it in --data-dir {data_dir}") from None
-    return torch.from_numpy(np.ascontiguousarray(arr)).float() / 255.0 * 2 - 1
+        arr, _ = torchvision_arrays(name, data_dir, train=False)
+    except DatasetUnavailable as exc:
+        raise Skipped(f"{name}: not available ({exc.reason[:100]}); put it in --data-dir {data_dir}") from None
+    return torch.from_numpy(uint8_to_unit_range(arr))
 
 
 def _load_celeba(data_dir: str, limit: int = 10000) -> torch.Tensor:
@@ -140,7 +139,7 @@ def ood_part(model: nn.Module, data: DataBundle, sets: tuple[str, ...], n: int, 
         try:
             x = make_ood_set(name, data, n, gen, data_dir)
         except Skipped as exc:
-            say(f"ood: skipped {exc}")
+            log.info(f"ood: skipped {exc}")
             skipped[name] = str(exc)
             continue
         s = ood_scores(model, x, batch_size, show, f"ood: {name}")

@@ -81,8 +81,9 @@ def generation_md(r: dict[str, Any]) -> list[str]:
              f"| {r['fid']:.1f} |",
              f"| top 10 % by p(y\\|x) | {r['inception_score_top10']:.2f} +- {r['inception_score_top10_std']:.2f} "
              f"| {r['fid_top10']:.1f} |", "",
-             f"FID reference: {r['reference']} ({r['n_real']} images). torchvision Inception weights: "
-             "not comparable with the paper's TF-Inception numbers.", ""]
+             f"FID reference: {r['reference']} ({r['n_real']} images). Network: the standard FID Inception "
+             "(TF weights, torch-fidelity), as behind published numbers; FID rises as the number of "
+             "samples falls, so compare at equal counts.", ""]
     if r.get("note"):
         lines += [f"Note: {r['note']}.", ""]
     return lines

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..sgld.reference import sgld_chain
+from ..sgld.spec import ChainSpec
 from .common import eval_mode, progress
 from .figures import plt, save
 
@@ -38,21 +40,11 @@ NORMS = ("linf", "l2")
 
 def refine(model: nn.Module, x: torch.Tensor, n_steps: int, step_size: float, noise_std: float,
            differentiable: bool) -> torch.Tensor:
-    """K SGLD steps on E(x) seeded at ``x``. ``differentiable=True`` keeps the graph of every
-    step (for attacking through the chain); otherwise the result is detached."""
-    if not differentiable:
-        x = x.detach()
-    for _ in range(n_steps):
-        if not x.requires_grad:
-            x = x.detach().requires_grad_(True)
-        energy = model.energy(x).sum()
-        (grad,) = torch.autograd.grad(energy, x, create_graph=differentiable)
-        x = x - step_size * grad
-        if noise_std > 0:
-            x = x + noise_std * torch.randn_like(x)
-        if not differentiable:
-            x = x.detach()
-    return x
+    """K SGLD steps on E(x) seeded at ``x`` (the package's one loop, :func:`sgld_chain`).
+    ``differentiable=True`` keeps the graph of every step (for attacking through the chain);
+    otherwise the result is detached."""
+    spec = ChainSpec(n_steps, step_size, noise_std)
+    return sgld_chain(model, x if differentiable else x.detach(), None, spec, differentiable=differentiable)
 
 
 def defended_logits(model: nn.Module, x: torch.Tensor, refine_steps: int, step_size: float,

@@ -1,10 +1,13 @@
 """Run the chosen evaluation parts on one checkpoint; write eval.json, report.md and PNGs."""
 from __future__ import annotations
 
-import json
+import contextlib
+import os
+import signal
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -12,15 +15,41 @@ from .. import __version__
 from ..checkpoint import load_checkpoint
 from ..data import load_data
 from ..build import resolve_device
-from .common import Skipped, is_image, make_sampler, say
+from ..interrupt import handling_signals
+from ..log import get_logger, progress_safe_logging
+from ..rundir import write_json
+from ..runlock import RunLock
+from .common import Skipped, is_image, make_sampler
 from .options import EvalOptions, resolve_defaults
 from .report import write_report
+
+log = get_logger(__name__)
 
 
 def default_out(checkpoint: str) -> Path:
     """RUN/eval for RUN/checkpoints/x.pt, else DIR/eval beside the file."""
     parent = Path(checkpoint).resolve().parent
     return (parent.parent if parent.name == "checkpoints" else parent) / "eval"
+
+
+@contextlib.contextmanager
+def exit_on_signals(prog: str) -> Iterator[None]:
+    """While open, SIGINT/SIGTERM end the process at once with one line on stderr
+    (``prog: stopped by SIGINT``) and exit code 128 + signal (130, 143).
+
+    Evaluation never changes the checkpoint and writes eval.json atomically at the end, so
+    there is nothing to save; exiting from the handler means no KeyboardInterrupt can surface
+    as a traceback from deep inside torch or matplotlib. The previous handlers are restored on
+    exit (``main`` may be called in-process).
+    """
+    def handler(signum: int, _frame: Any) -> None:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        os.write(2, f"{prog}: stopped by {signal.Signals(signum).name}\n".encode())
+        os._exit(128 + signum)
+
+    with handling_signals(handler):
+        yield
 
 
 def run_eval(opts: EvalOptions) -> dict[str, Any]:
@@ -35,10 +64,15 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
     data = load_data(cfg.data, device)
     resolve_defaults(opts, data.name)
     out = Path(opts.out) if opts.out else default_out(opts.checkpoint)
-    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out, "jemfast.eval --out"):  # one process writes an eval directory
+        return _run_parts(opts, ck, model, cfg, buffer, data, device, out, t_start)
+
+
+def _run_parts(opts: EvalOptions, ck: dict[str, Any], model, cfg, buffer, data, device: torch.device,
+               out: Path, t_start: float) -> dict[str, Any]:
     torch.manual_seed(opts.seed)
-    say(f"{opts.checkpoint}: {data.name}, step {ck['step']}, epoch {ck['epoch']}, device {device}; "
-        f"writing to {out}")
+    log.info(f"{opts.checkpoint}: {data.name}, step {ck['step']}, epoch {ck['epoch']}, device {device}; "
+             f"writing to {out}")
     results: dict[str, Any] = {
         "checkpoint": str(opts.checkpoint), "dataset": data.name, "step": ck["step"], "epoch": ck["epoch"],
         "model": cfg.model.name, "device": str(device),
@@ -46,17 +80,18 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
         "torch_version": torch.__version__, "jemfast_version": __version__, "seed": opts.seed,
         "what": list(opts.what), "out_dir": str(out), "timings_s": {},
     }
-    for part in opts.what:
-        t0 = time.perf_counter()
-        try:
-            results[part] = PARTS[part](opts, model, cfg, buffer, data, device, out)
-        except Skipped as exc:
-            say(f"{exc}")
-            results[part] = {"skipped": str(exc)}
-        results["timings_s"][part] = round(time.perf_counter() - t0, 2)
-        say(f"{part} done in {results['timings_s'][part]:.1f} s")
+    with progress_safe_logging():
+        for part in opts.what:
+            t0 = time.perf_counter()
+            try:
+                results[part] = PARTS[part](opts, model, cfg, buffer, data, device, out)
+            except Skipped as exc:
+                log.info(f"{exc}")
+                results[part] = {"skipped": str(exc)}
+            results["timings_s"][part] = round(time.perf_counter() - t0, 2)
+            log.info(f"{part} done in {results['timings_s'][part]:.1f} s")
     results["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)
-    (out / "eval.json").write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
+    write_json(results, out / "eval.json")
     write_report(results, out / "report.md")
     return results
 

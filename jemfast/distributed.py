@@ -1,0 +1,149 @@
+"""torch.distributed for runs launched by ``torchrun``: the process group and small collectives.
+
+``torchrun`` sets ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``; with ``WORLD_SIZE`` > 1,
+:func:`session` starts the process group (NCCL on CUDA, one GPU per process = ``LOCAL_RANK``;
+gloo on the CPU) and a second, gloo group for the control plane: divergence and stop flags,
+checkpoint gathering and broadcasting (Python objects and CPU tensors, whatever the device).
+Every collective has a timeout (``JEMFAST_DIST_TIMEOUT`` seconds, default 600), so a rank that
+died never leaves the others waiting forever; ``torchrun`` also stops the group when one of its
+processes dies.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from datetime import timedelta
+from typing import Any, Callable, Iterator, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError, one_line
+
+T = TypeVar("T")
+_control: Any = None  # the gloo group of the control-plane collectives
+
+
+class PeerFailed(UserError):
+    """Another rank failed (rank 0 reports why, as one line): this rank stops silently."""
+
+
+def env_world_size() -> int:
+    """``WORLD_SIZE`` from the environment (1 when not launched by torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def env_is_main() -> bool:
+    """``RANK`` from the environment is 0 (or unset): this process reports for the run."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    """Rank 0 (or a single process): the one that logs and writes the run directory."""
+    return rank() == 0
+
+
+def rank_device(name: str) -> torch.device:
+    """This process's device under torchrun: ``cuda:LOCAL_RANK`` (auto/cuda with CUDA) or cpu."""
+    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    if name == "cpu" or not torch.cuda.is_available():
+        if name == "cuda":
+            raise UserError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+        return torch.device("cpu")
+    if local >= torch.cuda.device_count():
+        raise UserError(f"LOCAL_RANK {local}: this machine has only {torch.cuda.device_count()} CUDA "
+                        f"device(s); start at most that many processes per node (--nproc_per_node)")
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
+@contextlib.contextmanager
+def session(device_name: str) -> Iterator[None]:
+    """Start the process groups when launched with ``WORLD_SIZE`` > 1 (else do nothing);
+    destroy them on exit."""
+    global _control
+    if env_world_size() <= 1 or active():
+        yield
+        return
+    timeout = timedelta(seconds=float(os.environ.get("JEMFAST_DIST_TIMEOUT", "600") or 600))
+    use_nccl = device_name != "cpu" and torch.cuda.is_available()
+    if use_nccl:
+        rank_device(device_name)
+    dist.init_process_group("nccl" if use_nccl else "gloo", timeout=timeout)
+    _control = dist.new_group(backend="gloo", timeout=timeout) if use_nccl else dist.group.WORLD
+    if dist.get_rank() != 0:  # rank 0 logs for the run
+        logging.getLogger("jemfast").setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        _control = None
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj: T) -> T:
+    """Rank 0's ``obj`` on every rank (tensors travel pickled, on the CPU)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_control)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` in rank order on rank 0; None elsewhere."""
+    out = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0, group=_control)
+    return out
+
+
+def all_max(values: list[int]) -> list[int]:
+    """Element-wise maximum over the ranks of a short list of ints (a host sync)."""
+    t = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control)
+    return t.tolist()
+
+
+def agree(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on every rank, then make sure every rank succeeded: if any failed, rank 0
+    raises the first failure as one line (naming the rank) and the others raise PeerFailed."""
+    try:
+        result, error = fn(), None
+    except (UserError, ValueError, OSError, RuntimeError) as exc:
+        result, error = None, exc
+    errors = [None] * world_size()
+    dist.all_gather_object(errors, None if error is None else one_line(str(error), 500), group=_control)
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if not failed:
+        return result  # type: ignore[return-value]
+    if error is not None and rank() == failed[0][0] == 0:
+        raise error
+    if is_main():
+        raise UserError(f"rank {failed[0][0]}: {failed[0][1]}")
+    raise PeerFailed(f"rank {failed[0][0]} failed")
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 only and hand its result to every rank; an error there is raised on
+    rank 0 and as PeerFailed elsewhere (nobody waits forever for a result that never comes)."""
+    if is_main():
+        try:
+            result = fn()
+        except BaseException as exc:
+            broadcast_object(("error", one_line(str(exc), 500)))
+            raise
+        return broadcast_object(("ok", result))[1]
+    status, value = broadcast_object(None)
+    if status == "error":
+        raise PeerFailed(f"rank 0 failed: {value}")
+    return value
