@@ -1,5 +1,6 @@
 """CPU thread policy (jemfast.threads): wait policy before torch, thread count from usable CPUs."""
 import os
+import re
 import subprocess
 import sys
 
@@ -47,13 +48,24 @@ def test_threads_flag_must_not_be_negative():
         validate(cfg)
 
 
-@pytest.mark.parametrize("user_value,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_importing_jemfast_prefers_passive_wait_unless_the_user_chose(user_value, expected):
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if user_value is not None:
-        env["OMP_WAIT_POLICY"] = user_value
-    code = "import os, jemfast, torch; print(os.environ['OMP_WAIT_POLICY'])"
+def gomp_spin_count(code: str, policy: str | None) -> str | None:
+    """libgomp's effective spin count (GOMP_SPINCOUNT, printed by OMP_DISPLAY_ENV=VERBOSE when it
+    starts) in a fresh interpreter running ``code``; None where OpenMP is not libgomp."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env["OMP_DISPLAY_ENV"] = "VERBOSE"
+    if policy is not None:
+        env["OMP_WAIT_POLICY"] = policy
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == expected
+    found = re.search(r"GOMP_SPINCOUNT = '(\d+)'", proc.stdout + proc.stderr)
+    return found.group(1) if found else None
+
+
+def test_importing_jemfast_first_makes_openmp_threads_sleep_instead_of_spinning():
+    spin_default = gomp_spin_count("import torch, jemfast", None)  # torch first: libgomp's default
+    if spin_default is None:
+        pytest.skip("torch's OpenMP runtime here is not libgomp (no GOMP_SPINCOUNT to read)")
+    assert int(spin_default) > 0
+    assert gomp_spin_count("import jemfast, torch", None) == "0"  # PASSIVE: no spinning
+    assert int(gomp_spin_count("import jemfast, torch", "ACTIVE")) > int(spin_default)  # the user's choice wins
