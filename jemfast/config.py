@@ -127,6 +127,19 @@ class StabilityConfig:
     max_energy_gap: float = option(1e4, "--max-energy-gap", "|E(real)-E(fake)| above this counts as divergence",
                                    gt=0.0)
     max_sample_abs: float = option(1e3, "--max-sample-abs", "max |x_fake| above this counts as divergence", gt=0.0)
+    max_grad_norm: float = option(1e5, "--max-grad-norm", "gradient L2 norm above this counts as divergence",
+                                  gt=0.0)
+    # Relative tests (jemfast.stability): log(1 + |energy gap|) or log(1 + grad norm) more than
+    # relative_z robust stds above its median over the last relative_window iterations.
+    relative_z: float = option(8.0, "--relative-z",
+                               "divergence: |E(real)-E(fake)| or the gradient norm this many robust stds (log "
+                               "scale) above its median over the last --relative-window iterations (0: off)",
+                               lo=0.0, hi=1e6)
+    relative_window: int = option(200, "--relative-window", "iterations of history for --relative-z",
+                                  lo=1, hi=100_000)
+    relative_warmup: int = option(50, "--relative-warmup",
+                                  "iterations seen (again after each restart) before --relative-z applies",
+                                  lo=1, hi=100_000_000)
     good_ring: int = option(3, "--good-ring", "good checkpoints kept on disk", lo=1, hi=1000)
     inject_divergence: int = option(-1, "--inject-divergence",
                                     "TESTING AID: make the run diverge at this iteration (-1: never)", lo=-1)
@@ -152,6 +165,8 @@ class RunConfig:
     channels_last: bool = option(False, "--channels-last", "channels-last memory format for conv nets",
                                  action="store_true")
     progress: bool = option(True, "--no-progress", "no progress bar", action="store_false")
+    threads: int = option(0, "--threads", "torch CPU threads (0: auto: torch's count, at most the CPUs this "
+                          "process may use; jemfast.threads)", lo=0, hi=65536)
 
 
 SECTIONS = ("data", "model", "optim", "sampler", "loss", "stability", "run")

@@ -2,7 +2,17 @@
 
 Detection: every iteration :meth:`DivergenceMonitor.observe` ORs a bit mask of failure causes
 into a device tensor (no host sync); every ``check_every`` iterations (and before every
-checkpoint) :meth:`DivergenceMonitor.check` reads it once.
+checkpoint) :meth:`DivergenceMonitor.check` reads it once. Two kinds of test:
+
+- absolute limits (a backstop, the same for every run): non-finite values, ``|loss|``,
+  ``|E(real) - E(fake)|``, the gradient norm and ``max |x_fake|`` above fixed limits;
+- relative to the run's own recent history: ``log(1 + |E(real) - E(fake)|)`` and
+  ``log(1 + grad norm)`` more than ``relative_z`` robust standard deviations above the median of
+  the last ``relative_window`` iterations (robust std = 1.4826 x median absolute deviation,
+  at least :data:`MIN_LOG_SCALE`), once ``relative_warmup`` iterations have been seen. The
+  history is a ring buffer on the device; median and MAD are computed there each iteration.
+  ``log(1 + v)`` is a log scale above 1 (energies are in nats) and flat below it, so a gap
+  wandering between 0.001 and 0.5 nats early in training is not read as a thousandfold jump.
 
 Recovery policy (restart k = 1, 2, ...; effects persist across later restarts). Every restart
 rolls back to the last good state (the last checkpoint, which is only written after a passing
@@ -37,11 +47,24 @@ CAUSES = (
     "energy gap too large",
     "loss too large",
     "sample magnitude exploding",
+    "gradient norm too large",
+    "energy gap jumped far above its recent range",
+    "gradient norm jumped far above its recent range",
 )
+# Floor of the robust scale of log(1 + v), so a near-constant history (MAD ~ 0) does not turn
+# noise into alarms: with relative_z = 8 the smallest flagged rise is 8 x 0.25 = 2 in log(1 + v),
+# i.e. 1 + v above e^2 = 7.4 times 1 + its recent median.
+MIN_LOG_SCALE = 0.25
+MAD_TO_STD = 1.4826  # std of a normal distribution = 1.4826 x its median absolute deviation
 
 
 class DivergenceMonitor:
-    """Accumulates divergence flags on ``device``; ``check()`` is the only host sync."""
+    """Accumulates divergence flags on ``device``; ``check()`` is the only host sync.
+
+    ``history: Tensor[2, relative_window]`` holds log(1 + |energy gap|) and log(1 + grad norm)
+    of the last iterations (a ring; ``seen`` counts the writes on the host, so indexing it needs
+    no sync).
+    """
 
     def __init__(self, cfg: StabilityConfig, device: torch.device) -> None:
         self.cfg = cfg
@@ -49,34 +72,63 @@ class DivergenceMonitor:
         # under torchrun: ORs the flags of every rank (jemfast.ddp_trainer), so all roll back together
         self.reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._bits = 2 ** torch.arange(len(CAUSES), device=device)
+        self.history = torch.zeros(2, cfg.relative_window, device=device)
+        self.seen = 0
 
     def observe(self, metrics: dict[str, torch.Tensor], x_fake: torch.Tensor | None) -> None:
         """Record this iteration's failures from its device-scalar ``metrics`` (loss, e_real,
         e_fake, grad_norm) and samples ``x_fake: Tensor[B, *shape]`` (or None)."""
+        cfg = self.cfg
         loss, e_real, e_fake = metrics["loss"], metrics["e_real"], metrics["e_fake"]
         grad_norm = metrics["grad_norm"]
+        gap = (e_real - e_fake).abs()
         energies = torch.stack([loss, e_real, e_fake])
         if x_fake is not None:
             samples_bad = ~torch.isfinite(x_fake).all()
-            too_big = x_fake.detach().abs().amax() > self.cfg.max_sample_abs
+            too_big = x_fake.detach().abs().amax() > cfg.max_sample_abs
         else:
             samples_bad = too_big = torch.zeros((), dtype=torch.bool, device=loss.device)
+        jumped = self._jumped(torch.stack([gap, grad_norm]).float().log1p())
         conds = torch.stack([
             ~torch.isfinite(energies).all(),
             ~torch.isfinite(grad_norm),
             samples_bad,
-            (e_real - e_fake).abs() > self.cfg.max_energy_gap,
-            loss.abs() > self.cfg.max_loss,
+            gap > cfg.max_energy_gap,
+            loss.abs() > cfg.max_loss,
             too_big,
+            grad_norm > cfg.max_grad_norm,
+            jumped[0],
+            jumped[1],
         ])
         self.flags.bitwise_or_((conds.long() * self._bits).sum())
 
+    def _jumped(self, stats: torch.Tensor) -> torch.Tensor:
+        """``stats: Tensor[2]`` (log(1 + |gap|), log(1 + grad norm)) -> ``Tensor[2]`` of bool:
+        each far above the history before it; then appends ``stats`` to the history."""
+        cfg, window = self.cfg, self.cfg.relative_window
+        if cfg.relative_z > 0 and self.seen >= cfg.relative_warmup:
+            past = self.history[:, :min(self.seen, window)]
+            median = past.median(dim=1).values
+            mad = (past - median[:, None]).abs().median(dim=1).values
+            scale = (MAD_TO_STD * mad).clamp_min(MIN_LOG_SCALE)
+            jumped = stats - median > cfg.relative_z * scale
+        else:
+            jumped = torch.zeros(2, dtype=torch.bool, device=stats.device)
+        self.history[:, self.seen % window] = stats
+        self.seen += 1
+        return jumped
+
     def check(self) -> str | None:
-        """Read and clear the flags: ``None`` if healthy, else the causes joined by '; '."""
+        """Read and clear the flags: ``None`` if healthy, else the causes joined by '; '.
+
+        A divergence also clears the history: the run is about to roll back (or stop), and the
+        diverged stretch is no baseline; relative tests resume after a new warm-up.
+        """
         value = int(self.flags.item() if self.reduce is None else self.reduce(self.flags))
         self.flags.zero_()
         if value == 0:
             return None
+        self.seen = 0
         return "; ".join(c for i, c in enumerate(CAUSES) if value & (1 << i))
 
 

@@ -21,7 +21,7 @@ def run_summary(trainer: Any, status: str, test_acc: float) -> dict[str, Any]:
         "test_acc": test_acc, "epochs": p.epoch, "iterations": p.step,
         "wall_time_s": time.perf_counter() - trainer.t0, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch_version": torch.__version__, "jemfast_version": __version__,
+        "torch_version": torch.__version__, "jemfast_version": __version__, "torch_threads": torch.get_num_threads(),
         "sgld_backend": trainer.sampler.backend, "restarts": trainer.recovery.restarts,
         "out": str(trainer.out), "stop_signal": trainer.stop_signal, "config": trainer.cfg.to_dict(),
         "world_size": distributed.world_size(),

@@ -36,6 +36,7 @@ from .rundir import (drop_previous, mark_best, prepare_out, remove_stale_temp_fi
 from .summary import existing_summary, run_summary, write_failure_summary
 from .stability import DivergenceMonitor, InjectDivergence, RecoveryState, recovery_action
 from .step import accuracy, lr_at, set_lr, train_step
+from .threads import configure_threads
 
 log = get_logger(__name__)
 Report = Callable[[dict[str, Any]], None]
@@ -58,6 +59,7 @@ class Trainer:
         contents: a failing start never changes a saved run."""
         self.cfg, self.report = cfg, report
         self.device = resolve_device(cfg.run.device)
+        configure_threads(cfg.run.threads)
         self.out, self.lock = prepare_out(cfg.run)
         try:
             self._build(cfg, hooks)

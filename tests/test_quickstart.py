@@ -1,8 +1,11 @@
-"""The README's quickstart, as written there: under 5 minutes on the CPU and >= 95 % test accuracy."""
+"""The README's quickstart, as written there: >= 95 % test accuracy and no divergence alarm.
+
+Its speed is a benchmark, not a test (bench/test_quickstart_speed.py): a test must not fail
+because the machine is busy.
+"""
 import json
 import re
 import shlex
-import time
 
 import pytest
 
@@ -21,12 +24,11 @@ def readme_quickstart() -> list[str]:
 @pytest.mark.slow
 def test_readme_quickstart_trains_digits(tmp_path):
     args = readme_quickstart()
-    t0 = time.time()
-    proc = run_module([*args, "--out", str(tmp_path / "qs"), "--no-progress"], cwd=REPO, timeout=600)
-    wall = time.time() - t0
+    # the timeout only guards against a hang: minutes on an idle CPU, far longer on a shared one
+    proc = run_module([*args, "--out", str(tmp_path / "qs"), "--no-progress"], cwd=REPO, timeout=6 * 3600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
-    print(f"quickstart: {wall:.0f} s, test accuracy {summary['test_acc']:.4f}")
+    print(f"quickstart: {summary['wall_time_s']:.0f} s, test accuracy {summary['test_acc']:.4f}")
     assert summary["test_acc"] >= 0.95
-    assert wall < 300
+    assert summary["restarts"] == []  # a healthy run: the divergence tests must stay quiet
     assert (tmp_path / "qs" / "samples" / "epoch_0030.png").exists()

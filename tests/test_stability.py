@@ -64,6 +64,7 @@ def test_injected_divergence_recovers_and_matches_undisturbed_run(tmp_path):
     last_loss = [e["loss"] for e in events if "loss" in e][-1]
     assert math.isfinite(last_loss)
     assert calm["test_acc"] > 0.9, calm["test_acc"]
+    assert calm["restarts"] == []
     assert abs(hit["test_acc"] - calm["test_acc"]) <= 0.02, (hit["test_acc"], calm["test_acc"])
 
 

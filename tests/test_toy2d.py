@@ -54,6 +54,7 @@ def test_buffer_samples_match_the_mixture(tmp_path):
     cfg.run.progress = False
     summary = train(cfg)
     assert summary["test_acc"] > 0.95  # modes are well separated
+    assert summary["restarts"] == []  # a healthy run: the divergence tests must stay quiet
     buf = read_checkpoint(tmp_path / "toy" / "checkpoints" / "last.pt")["buffer"]["data"]
     held_out = torch.from_numpy(toy2d_points(2000, 99)[0])
     floor = mmd2(torch.from_numpy(toy2d_points(2000, 98)[0]), held_out)
