@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import os
 
+# jemfast sets a passive OpenMP wait policy when it is imported before torch (jemfast.threads);
+# test modules import torch first, so set it here too: spinning threads crawl on a shared CPU.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 
 # Triton reads TRITON_INTERPRET when it is first imported (torchvision imports it): set it

@@ -3,6 +3,7 @@ each time, then check that every checkpoint loads, the metrics log is consistent
 model equals an uninterrupted run with the same seed (resume is bit-exact from any checkpoint,
 so wherever a kill falls the run replays the lost iterations identically)."""
 import json
+import os
 import random
 import signal
 import subprocess
@@ -17,30 +18,34 @@ from jemfast.rundir import checkpoint_candidates
 from jemfast.train import main
 from tests.conftest import REPO
 
-ARGS = ["--dataset", "digits", "--hidden", "8", "--buffer-size", "100", "--sgld-steps", "2", "--no-progress",
+ARGS = ["--dataset", "digits", "--hidden", "8", "--buffer-size", "100", "--sgld-steps", "20", "--no-progress",
         "--epochs", "8", "--ckpt-every", "3", "--log-every", "1"]
 KILLS = 20
 
 
-def logged_steps(out) -> int:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    return sum(1 for line in path.read_text().splitlines() if '"loss"' in line)
+def last_inode(out) -> int | None:
+    try:
+        return os.stat(out / "checkpoints" / "last.pt").st_ino
+    except FileNotFoundError:
+        return None
 
 
-def kill_moment(rng: random.Random, out, proc: subprocess.Popen, start_lines: int) -> None:
+def kill_moment(rng: random.Random, out, proc: subprocess.Popen) -> None:
     """Wait for a random moment of this process's life: during start-up (a quarter of the kills),
-    or after 1-6 more iterations were logged, plus a random fraction of an iteration. Tied to
-    progress, not to the clock, so a fast or a busy machine gets the same mix of moments."""
+    or after it wrote 1-2 new checkpoints (each replaces last.pt: a new inode), plus a random
+    delay of up to a few iterations, so kills land in iterations and in checkpoint writes.
+    Tied to progress, not to the clock: a fast or a busy machine gets the same mix."""
     if rng.random() < 0.25:
         time.sleep(rng.uniform(0.0, 2.0))
         return
-    target = start_lines + rng.randint(1, 6)
+    seen, changes, wanted = last_inode(out), 0, rng.randint(1, 2)
     t0 = time.time()
-    while logged_steps(out) < target and proc.poll() is None and time.time() - t0 < 300:
-        time.sleep(0.01)
-    time.sleep(rng.uniform(0.0, 0.05))
+    while changes < wanted and proc.poll() is None and time.time() - t0 < 300:
+        inode = last_inode(out)
+        if inode != seen:
+            seen, changes = inode, changes + 1
+        time.sleep(0.002)
+    time.sleep(rng.uniform(0.0, 0.1))
 
 
 @pytest.mark.slow
@@ -54,8 +59,7 @@ def test_twenty_random_kills_then_resume_equals_uninterrupted_run(tmp_path):
         resume = ["--resume"] if checkpoint_candidates(out) else []
         proc = subprocess.Popen([sys.executable, "-m", "jemfast.train", *ARGS, "--out", str(out), *resume],
                                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        done = read_checkpoint(out / "checkpoints" / "last.pt")["step"] if resume else 0
-        kill_moment(rng, out, proc, start_lines=min(logged_steps(out), done))
+        kill_moment(rng, out, proc)
         if proc.poll() is not None:
             pytest.fail(f"run ended before kill {kills + 1}: {proc.returncode} {proc.stderr.read()[-1000:]}")
         proc.send_signal(signal.SIGKILL)
