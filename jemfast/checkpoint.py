@@ -12,6 +12,10 @@ weights_only=True)`` reads it; a file carrying any other pickled object is refus
 Format 1 (jemfast 0.1 before this layout) kept the learning-rate factor under
 ``scheduler.lr_scale`` and the restart list at the top level; it is still read.
 
+:func:`read_checkpoint` checks a file's whole structure (:mod:`jemfast.ckpt_schema`) before any
+of it is used, so a wrong or hostile file is one "corrupt" line and ``--resume`` moves on to
+an older checkpoint; :func:`restore_training_state` is all or nothing.
+
 Writes go to a temporary file in the same directory, are fsync'ed, then renamed over the
 target, so a crash (even ``kill -9``) leaves either the old or the new file, never a torn one.
 """
@@ -23,6 +27,7 @@ import pickle
 import random
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,7 @@ from torch import nn
 
 from . import __version__
 from .build import build_buffer, build_model
+from .ckpt_schema import Corrupt, parse_checkpoint, shorten
 from .config import Config
 from .buffer import ReplayBuffer
 from .errors import UserError
@@ -58,8 +64,9 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] and torch.cuda.is_available():  # a run may resume on fewer GPUs than it saved
+        for i, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, i)
     np_s = state["numpy"]
     np.random.set_state(("MT19937", np_s["keys"].numpy().astype(np.uint32), np_s["pos"],
                          np_s["has_gauss"], np_s["cached"]))
@@ -91,28 +98,65 @@ def atomic_save(obj: dict[str, Any], path: str | Path) -> None:
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint dict weights-only. Raises UserError (one line) when the file is missing,
-    truncated/corrupt, carries pickled objects, or is not a jemfast checkpoint."""
+    """Read a checkpoint weights-only and check its whole structure (:mod:`jemfast.ckpt_schema`).
+
+    Returns the clean checkpoint dict (current format, only the known keys). Raises UserError
+    (one line) when the file is missing, not an uncompressed zip archive, truncated, carries
+    pickled objects, is not a jemfast checkpoint, or is corrupt (any key of the wrong type,
+    shape, size or range); nothing read from the file is used before that check passes.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
+    file_bytes = _check_archive(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unpickling error"
+        first = _first_line(exc)
         if "global" in str(exc).lower():  # weights-only unpickler met a class/function reference
             raise UserError(f"checkpoint {path} was refused: it carries pickled objects that "
-                            f"weights-only loading does not run ({first[:120]})") from None
-        raise UserError(f"checkpoint {path} is corrupt or truncated ({first[:120]})") from None
+                            f"weights-only loading does not run ({first})") from None
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({first})") from None
     except Exception as exc:  # noqa: BLE001 - torn zips and garbage raise many kinds (IndexError, EOFError, ...)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"checkpoint {path} is corrupt or truncated ({first[:120]})") from None
-    if not isinstance(ckpt, dict) or "format_version" not in ckpt or "model" not in ckpt:
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({_first_line(exc)})") from None
+    if not isinstance(ckpt, dict) or "format_version" not in ckpt:
         raise UserError(f"checkpoint {path} is not a jemfast checkpoint")
-    if ckpt["format_version"] > FORMAT_VERSION:
-        raise UserError(f"checkpoint {path} has format {ckpt['format_version']}, "
+    version = ckpt["format_version"]
+    if type(version) is not int or version < 1:
+        raise UserError(f"checkpoint {path} is corrupt (format_version is {ascii(version)[:40]}, "
+                        f"not a format number)")
+    if version > FORMAT_VERSION:
+        raise UserError(f"checkpoint {path} has format {version}, "
                         f"this jemfast reads up to {FORMAT_VERSION}; upgrade jemfast")
-    return _upgrade(ckpt)
+    try:
+        return parse_checkpoint(ckpt, file_bytes, FORMAT_VERSION)
+    except Corrupt as exc:
+        raise UserError(f"checkpoint {path} is corrupt ({exc})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, printable, at most 120 characters."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return shorten("".join(c if c.isprintable() else "?" for c in first), 120)
+
+
+def _check_archive(path: Path) -> int:
+    """The file's size, after checking it is a zip archive (torch.save's format) whose entries are
+    all stored uncompressed and together no larger than the file: a compressed entry could
+    inflate a small file into gigabytes, an older non-zip format claims storage sizes unchecked."""
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise UserError(f"checkpoint {path} is corrupt or truncated (not a complete zip archive: "
+                        f"{_first_line(exc)})") from None
+    if any(e.compress_type != zipfile.ZIP_STORED for e in entries):
+        raise UserError(f"checkpoint {path} is corrupt (it holds compressed entries; torch.save writes none)")
+    if sum(e.file_size for e in entries) > size:
+        raise UserError(f"checkpoint {path} is corrupt (its entries claim more bytes than the file holds)")
+    return size
 
 
 @dataclass
@@ -142,9 +186,13 @@ def training_state(cfg: Config, input_shape: tuple[int, ...], n_classes: int, mo
 
 def restore_training_state(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
                            buffer: ReplayBuffer, sampler: SGLD, progress: Progress,
-                           recovery: RecoveryState | None = None, restore_rng: bool = True) -> None:
-    """Load ``ckpt`` into the live objects. ``recovery=None`` keeps the live recovery state (a
-    rollback: the effects of restarts persist); ``restore_rng=False`` keeps the RNG streams."""
+                           recovery: RecoveryState | None = None, restore_rng: bool = True,
+                           source: str | Path = "(in memory)") -> None:
+    """Load ``ckpt`` (from :func:`read_checkpoint`, or a snapshot of :func:`training_state`) into
+    the live objects, all or nothing: raises UserError naming ``source`` before changing anything
+    if it does not fit them. ``recovery=None`` keeps the live recovery state (a rollback: the
+    effects of restarts persist); ``restore_rng=False`` keeps the RNG streams."""
+    fits_run(ckpt, model, buffer, source, optimizer)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     buffer.load_state_dict(ckpt["buffer"])
@@ -158,31 +206,53 @@ def restore_training_state(ckpt: dict[str, Any], model: nn.Module, optimizer: to
         set_rng_state(ckpt["rng"])
 
 
-def _upgrade(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """Bring a format-1 checkpoint to the current layout (in place)."""
-    if ckpt.get("format_version") == 1:
-        ckpt["recovery"] = {"restarts": ckpt.pop("restarts", []), "sgld_steps_factor": 1,
-                            "lr_scale": float(ckpt.pop("scheduler", {}).get("lr_scale", 1.0))}
-        ckpt["format_version"] = FORMAT_VERSION
-    return ckpt
+def fits_run(ckpt: dict[str, Any], model: nn.Module, buffer: ReplayBuffer, source: str | Path,
+             optimizer: torch.optim.Optimizer | None = None, buffer_rows: int | None = None) -> None:
+    """Raise UserError unless ``ckpt`` (as :func:`read_checkpoint` returns it) loads as a whole
+    into this model, optimizer (when given) and buffer; ``buffer_rows`` replaces the buffer's
+    capacity (a data-parallel rank keeps a shard of the checkpoint's rows)."""
+    try:
+        _check_fits(ckpt, model, buffer, optimizer, buffer.capacity if buffer_rows is None else buffer_rows)
+    except Corrupt as exc:
+        raise UserError(f"checkpoint {source} does not fit this run ({exc})") from None
+
+
+def _check_fits(ckpt: dict[str, Any], model: nn.Module, buffer: ReplayBuffer,
+                optimizer: torch.optim.Optimizer | None, rows: int) -> None:
+    live = model.state_dict()
+    if set(live) != set(ckpt["model"]):
+        raise Corrupt("its model has other tensors than this run's model")
+    for k, v in live.items():
+        if tuple(v.shape) != tuple(ckpt["model"][k].shape):
+            raise Corrupt(f"model tensor {k} has shape {list(ckpt['model'][k].shape)}, this run's {list(v.shape)}")
+    params = list(model.parameters())
+    for pid, entry in ckpt["optimizer"]["state"].items():
+        for key, v in entry.items():
+            if key != "step" and v is not None and (pid >= len(params) or tuple(v.shape) != tuple(params[pid].shape)):
+                raise Corrupt(f"optimizer state {pid} {key} does not match this run's parameter")
+    name = ckpt["config"]["optim"]["optimizer"]
+    if optimizer is not None and name != ("sgd" if isinstance(optimizer, torch.optim.SGD) else "adam"):
+        raise Corrupt(f"its optimizer state is {name}'s, this run's optimizer is {type(optimizer).__name__}")
+    data = ckpt["buffer"]["data"]
+    if tuple(data.shape) != (rows, *buffer.shape):
+        raise Corrupt(f"buffer data has shape {list(data.shape)}, this run's buffer {[rows, *buffer.shape]}")
+    if ckpt["buffer"]["n_classes"] != (-1 if buffer.n_classes is None else buffer.n_classes):
+        raise Corrupt("its buffer is split by class differently from this run's")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint for library use.
 
     Returns ``{"model": JEM (eval mode, on device), "buffer": ReplayBuffer, "config": Config,
-    "step": int, "epoch": int, "raw": the checkpoint dict}``.
+    "step": int, "epoch": int, "raw": the checkpoint dict}``. Raises UserError (one line) for
+    any file :func:`read_checkpoint` refuses; what it accepts fits the model its config builds.
     """
     device = torch.device(device)
     ckpt = read_checkpoint(path, map_location=device)
     cfg = Config.from_dict(ckpt["config"])
     shape, n_classes = tuple(ckpt["input_shape"]), int(ckpt["n_classes"])
     model = build_model(cfg, shape, n_classes, device)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise UserError(f"checkpoint {path}: model weights do not fit the model in its config "
-                        f"({str(exc).splitlines()[0][:120]})") from None
+    model.load_state_dict(ckpt["model"])
     model.eval()
     buffer = build_buffer(cfg, shape, n_classes, device)
     buffer.load_state_dict(ckpt["buffer"])

@@ -20,8 +20,17 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
+from torch import nn
+
+from .buffer import ReplayBuffer
+from .checkpoint import fits_run, read_checkpoint
 from .config import Config
 from .errors import UserError
+from .log import get_logger
+from .rundir import checkpoint_candidates
+
+log = get_logger(__name__)
 
 IDENTITY = ("data.dataset", "model.name", "model.depth", "model.width", "model.norm",
             "model.hidden", "sampler.buffer_size", "sampler.class_cond")
@@ -99,3 +108,30 @@ def restarts_after_checkpoint(metrics_path: Path, n_known: int) -> list[dict[str
         if isinstance(record, dict) and record.get("event") == "restart" and int(record.get("restart", 0)) > n_known:
             found[int(record["restart"])] = record
     return [found[k] for k in sorted(found)]
+
+
+def read_resume_checkpoint(out: Path, device: torch.device, cfg: Config, model: nn.Module,
+                           buffer: ReplayBuffer) -> tuple[dict[str, Any], Path, list[dict[str, Any]]]:
+    """The newest checkpoint in ``out`` that reads and fits this run (older ones tried in turn;
+    another run's stops at once), with ``cfg`` reconciled to it; its path; the restarts logged
+    after it. Raises UserError when none is usable."""
+    errors = []
+    for path in checkpoint_candidates(out):
+        try:
+            ckpt = read_checkpoint(path, map_location=device)
+        except UserError as exc:
+            errors.append(str(exc))
+            log.warning(f"{exc}; trying an older checkpoint")
+            continue
+        saved_cfg = Config.from_dict(ckpt["config"])
+        check_identity(saved_cfg, cfg, path)  # another run's checkpoint: the flags are wrong, stop
+        try:
+            fits_run(ckpt, model, buffer, path, buffer_rows=cfg.sampler.buffer_size)
+        except UserError as exc:
+            errors.append(str(exc))
+            log.warning(f"{exc}; trying an older checkpoint")
+            continue
+        for line in reconcile(saved_cfg, cfg, int(ckpt["step"])):
+            log.warning(line)
+        return ckpt, path, restarts_after_checkpoint(out / "metrics.jsonl", len(ckpt["recovery"]["restarts"]))
+    raise UserError(f"--resume: no readable checkpoint in {out / 'checkpoints'} ({'; '.join(errors)})")

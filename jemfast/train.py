@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from . import distributed, shards
 from .build import build_buffer, build_model, build_optimizer, build_sampler, resolve_device, seed_all
-from .checkpoint import Progress, read_checkpoint, restore_training_state, training_state
+from .checkpoint import Progress, fits_run, read_checkpoint, restore_training_state, training_state
 from .cli import config_from_args, run_cli
 from .config import Config, validate
 from .data import load_data
@@ -30,8 +30,8 @@ from .log import get_logger, progress_safe_logging, setup_cli_logging
 from .metrics import MetricsLog, MetricWindow
 from .outputs import log_metrics, save_buffer_grid, save_samples
 from .interrupt import StopRequested, stop_on_signals
-from .resume import check_identity, reconcile, restarts_after_checkpoint
-from .rundir import (checkpoint_candidates, drop_previous, mark_best, prepare_out, remove_stale_temp_files,
+from .resume import read_resume_checkpoint
+from .rundir import (drop_previous, mark_best, prepare_out, remove_stale_temp_files,
                      restore_previous, save_good_checkpoint, set_aside_previous, write_json)
 from .summary import existing_summary, run_summary, write_failure_summary
 from .stability import DivergenceMonitor, InjectDivergence, RecoveryState, recovery_action
@@ -257,33 +257,17 @@ class Trainer:
         return save_good_checkpoint(state, self.out, self.progress.step, self.cfg.stability.good_ring)
 
     def _resume(self) -> int:
-        ckpt, path, lost = self._read_resume_checkpoint()
+        ckpt, path, lost = read_resume_checkpoint(self.out, self.device, self.cfg, self.model, self.buffer)
+        if (self.cfg.optim.optimizer == "sgd") != isinstance(self.optimizer, torch.optim.SGD):
+            self.optimizer = build_optimizer(self.cfg, self.model)  # the checkpoint's kind continues (resume.KEEP)
         ckpt = shards.for_rank(ckpt, distributed.rank(), distributed.world_size(), self.buffer.capacity)
         restore_training_state(ckpt, self.model, self.optimizer, self.buffer, self.sampler, self.progress,
-                               self.recovery)
+                               self.recovery, source=path)
         self.recovery.checkpointed(ckpt, path)
         self._reapply_lost_restarts(lost)
         self.sampler.n_steps = self.cfg.sampler.n_steps * self.recovery.sgld_steps_factor
         log.info(f"resuming from {path} (epoch {self.progress.epoch}, iteration {self.progress.step})")
         return self.progress.step
-
-    def _read_resume_checkpoint(self) -> tuple[dict[str, Any], Path, list[dict[str, Any]]]:
-        """The newest readable checkpoint of this run (flags reconciled), its path, and the
-        restarts logged after it."""
-        errors = []
-        for path in checkpoint_candidates(self.out):
-            try:
-                ckpt = read_checkpoint(path, map_location=self.device)
-            except UserError as exc:
-                errors.append(str(exc))
-                log.warning(f"{exc}; trying an older checkpoint")
-                continue
-            saved_cfg = Config.from_dict(ckpt["config"])
-            check_identity(saved_cfg, self.cfg, path)
-            for line in reconcile(saved_cfg, self.cfg, int(ckpt["step"])):
-                log.warning(line)
-            return ckpt, path, restarts_after_checkpoint(self.out / "metrics.jsonl", len(ckpt["recovery"]["restarts"]))
-        raise UserError(f"--resume: no readable checkpoint in {self.out / 'checkpoints'} ({'; '.join(errors)})")
 
     def _reapply_lost_restarts(self, lost: list[dict[str, Any]]) -> None:
         """Restarts logged after the checkpoint (the process was killed before the next one):
@@ -337,12 +321,15 @@ class Trainer:
         return shards.for_rank(ckpt, distributed.rank(), distributed.world_size(), self.buffer.capacity)
 
     def _read_older_checkpoint(self, depth: int) -> dict[str, Any] | None:
+        """The ``depth``-th older good checkpoint that reads and fits this run, or None."""
         ring = sorted((self.out / "checkpoints").glob("good-*.pt"), reverse=True)
         for path in ring[depth:] or ring[-1:]:
             try:
-                return read_checkpoint(path, map_location=self.device)
-            except UserError:
-                continue
+                ckpt = read_checkpoint(path, map_location=self.device)
+                fits_run(ckpt, self.model, self.buffer, path, self.optimizer, buffer_rows=self.cfg.sampler.buffer_size)
+                return ckpt
+            except UserError as exc:
+                log.warning(f"{exc}; rolling back further")
         return None
 
     def _seed_all(self, seed: int) -> None:  # this and the next two: jemfast.ddp_trainer replaces them
