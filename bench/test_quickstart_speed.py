@@ -7,7 +7,8 @@ the test prints median and range per setting with the 1-minute load average, and
 
 Settings: ``torch default`` imports torch before jemfast (libgomp's default spin-then-sleep
 wait, torch's default thread count); ``jemfast auto`` is what ``python -m jemfast.train`` does
-(passive wait, ``--threads 0``); the others pin one thread with either wait policy.
+(passive wait, ``--threads 0``); ``spin 10k`` is a shorter spin (``GOMP_SPINCOUNT``, default
+300000) with torch's threads; the others pin one thread with either wait policy.
 """
 from __future__ import annotations
 
@@ -20,20 +21,21 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# name -> (import torch before jemfast, OMP_WAIT_POLICY or None for unset, --threads value or None)
-SETTINGS: dict[str, tuple[bool, str | None, int | None]] = {
-    "torch default": (True, None, None),
-    "jemfast auto": (False, None, 0),
-    "spin, 1 thread": (True, None, 1),
-    "passive, 1 thread": (False, "PASSIVE", 1),
+# name -> (import torch before jemfast, OpenMP environment to set, --threads value or None)
+SETTINGS: dict[str, tuple[bool, dict[str, str], int | None]] = {
+    "torch default": (True, {}, None),
+    "jemfast auto": (False, {}, 0),
+    "spin 10k": (True, {"GOMP_SPINCOUNT": "10000"}, None),
+    "spin, 1 thread": (True, {}, 1),
+    "passive, 1 thread": (False, {"OMP_WAIT_POLICY": "PASSIVE"}, 1),
 }
 
 
 def worker(torch_first: bool, threads: int | None, iters: int) -> None:
     """Time ``iters`` digits-preset training iterations; print one JSON line."""
     if torch_first:
-        import torch  # libgomp reads the environment as it is now
-    policy = os.environ.get("OMP_WAIT_POLICY", "default")
+        import torch  # noqa: F401  (libgomp reads the environment as it is now)
+    policy = os.environ.get("OMP_WAIT_POLICY", f"spin {os.environ.get('GOMP_SPINCOUNT', 'default')}")
     import jemfast  # noqa: F401  (sets OMP_WAIT_POLICY=PASSIVE if unset, then imports torch)
     import torch
 
@@ -54,7 +56,8 @@ def worker(torch_first: bool, threads: int | None, iters: int) -> None:
     seed_all(0)
     data = load_data(cfg.data, device)
     model = build_model(cfg, data.input_shape, data.n_classes, device)
-    opt, buf, sampler = build_optimizer(cfg, model), build_buffer(cfg, data.input_shape, data.n_classes, device), build_sampler(cfg)
+    opt, sampler = build_optimizer(cfg, model), build_sampler(cfg)
+    buf = build_buffer(cfg, data.input_shape, data.n_classes, device)
     batches = list(data.train.batches(cfg.optim.batch_size, 0, 0, drop_last=True))
     for i in range(3 + iters):
         if i == 3:
@@ -67,10 +70,10 @@ def worker(torch_first: bool, threads: int | None, iters: int) -> None:
 
 
 def run_setting(name: str, iters: int) -> dict:
-    torch_first, policy, threads = SETTINGS[name]
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
-    if policy is not None:
-        env["OMP_WAIT_POLICY"] = policy
+    torch_first, omp_env, threads = SETTINGS[name]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
+    env.update(omp_env)
     code = ("import sys; sys.path.insert(1, 'bench'); import test_quickstart_speed as q; "
             f"q.worker({torch_first}, {threads}, {iters})")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
@@ -94,8 +97,10 @@ def test_quickstart_iterations_per_second_by_thread_setting(record_property):
         rates = [run["it_per_s"] for run in runs]
         medians[name] = statistics.median(rates)
         loads = [run["load_1min"] for run in runs]
-        print(f"  {name:18s} {medians[name]:6.2f} it/s [{min(rates):.2f}, {max(rates):.2f}]  "
+        print(f"  {name:20s} {medians[name]:6.2f} it/s [{min(rates):.2f}, {max(rates):.2f}]  "
               f"threads {runs[0]['threads']}, wait {runs[0]['wait_policy']}, load {min(loads):.1f}-{max(loads):.1f}")
         record_property(f"it_per_s[{name}]", medians[name])
         assert all(rate > 0 for rate in rates)
+    assert results["jemfast auto"][0]["wait_policy"] == "PASSIVE"  # the settings took effect
+    assert results["torch default"][0]["wait_policy"] == "spin default"
     print(f"  jemfast auto / torch default: {medians['jemfast auto'] / medians['torch default']:.2f}x")
