@@ -15,7 +15,6 @@ import torch
 
 from jemfast.checkpoint import read_checkpoint
 from jemfast.rundir import checkpoint_candidates
-from jemfast.train import main
 from tests.conftest import REPO
 
 ARGS = ["--dataset", "digits", "--hidden", "8", "--buffer-size", "100", "--sgld-steps", "20", "--no-progress",
@@ -50,8 +49,11 @@ def kill_moment(rng: random.Random, out, proc: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 def test_twenty_random_kills_then_resume_equals_uninterrupted_run(tmp_path):
-    ref = tmp_path / "ref"
-    assert main([*ARGS, "--out", str(ref)]) == 0
+    ref = tmp_path / "ref"  # in a fresh process like the killed runs (same thread count: results
+    # depend bit-wise on it, and earlier tests may have changed this process's)
+    done = subprocess.run([sys.executable, "-m", "jemfast.train", *ARGS, "--out", str(ref)], cwd=REPO,
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-2000:]
     out = tmp_path / "killed"
     rng = random.Random(0)
     kills = 0
@@ -68,7 +70,9 @@ def test_twenty_random_kills_then_resume_equals_uninterrupted_run(tmp_path):
         for path in sorted((out / "checkpoints").glob("*.pt")) if (out / "checkpoints").exists() else []:
             read_checkpoint(path)  # every checkpoint on disk loads after every kill
     resume = ["--resume"] if checkpoint_candidates(out) else []
-    assert main([*ARGS, "--out", str(out), *resume]) == 0
+    done = subprocess.run([sys.executable, "-m", "jemfast.train", *ARGS, "--out", str(out), *resume], cwd=REPO,
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-2000:]
 
     a = read_checkpoint(ref / "checkpoints" / "last.pt")
     b = read_checkpoint(out / "checkpoints" / "last.pt")
