@@ -99,10 +99,14 @@ class Trainer:
         """Train to the last epoch (rolling back on divergence); returns the summary."""
         o, p = self.cfg.optim, self.progress
         try:
-            if p.epoch >= o.epochs:  # a finished run resumed: nothing to do, nothing rewritten
+            if p.epoch >= o.epochs:  # nothing to train: nothing is rewritten
+                summary = existing_summary(self)
+                if summary.get("status") != "finished":  # stopped early, already past --epochs
+                    raise UserError(f"the checkpoint in {self.out} is at epoch {p.epoch} (iteration {p.step}), "
+                                    f"past --epochs {o.epochs}; pass --epochs larger than {p.epoch} to train on")
                 log.info(f"the run in {self.out} already finished its {p.epoch} epochs; "
                          f"pass a larger --epochs to train on")
-                return existing_summary(self)
+                return summary
             self.t0 = time.perf_counter()
             self.bar = tqdm(total=self.per_epoch * o.epochs, initial=p.step, disable=not self.cfg.run.progress,
                             unit="it", dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 15.0)

@@ -43,6 +43,20 @@ def tiny_cfg(tmp_path):
     return lambda **kw: tiny_digits_config(tmp_path / "run", **kw)
 
 
+def stop_after(trainer, n: int) -> None:
+    """Make ``trainer`` believe a SIGTERM arrived after its ``n``-th iteration (the monitor
+    observes once per iteration), so it stops there and saves a checkpoint."""
+    real_observe, count = trainer.monitor.observe, {"n": 0}
+
+    def observe(*args):
+        real_observe(*args)
+        count["n"] += 1
+        if count["n"] == n:
+            trainer.stop_signal = 15
+
+    trainer.monitor.observe = observe
+
+
 def run_module(args: list[str], cwd: Path, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     """Run ``python -m <args>`` in a fresh interpreter; returns the completed process."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

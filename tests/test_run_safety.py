@@ -15,8 +15,8 @@ import torch
 
 from jemfast.checkpoint import read_checkpoint
 from jemfast.runlock import RunLock
-from jemfast.train import main, train
-from tests.conftest import REPO, tiny_digits_config
+from jemfast.train import Trainer, main, train
+from tests.conftest import REPO, stop_after, tiny_digits_config
 
 TINY = ["--dataset", "digits", "--hidden", "8", "--buffer-size", "100", "--sgld-steps", "2", "--no-progress"]
 
@@ -159,6 +159,18 @@ def test_resuming_a_finished_run_changes_nothing(saved_run, tmp_path, capsys):
     before = tree_hashes(out)
     assert main([*TINY, "--epochs", "1", "--out", str(out), "--resume"]) == 0
     assert "already finished" in capsys.readouterr().err
+    assert tree_hashes(out) == before
+
+
+def test_resuming_a_stopped_run_past_its_epochs_is_one_line_and_changes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_digits_config(out, optim__epochs=3, sampler__buffer_size=100, sampler__n_steps=2), None)
+    stop_after(trainer, 2 * (1257 // 64) + 3)  # interrupted in its third epoch
+    assert trainer.run()["status"] == "interrupted"
+    before = tree_hashes(out)
+    assert main([*TINY, "--epochs", "2", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("is at epoch 2 (iteration 41), past --epochs 2; pass --epochs larger than 2 to train on")
     assert tree_hashes(out) == before
 
 

@@ -7,7 +7,7 @@ import torch
 from jemfast import load_checkpoint
 from jemfast.checkpoint import FORMAT_VERSION, read_checkpoint
 from jemfast.train import Trainer, train
-from tests.conftest import tiny_digits_config
+from tests.conftest import stop_after, tiny_digits_config
 
 
 def test_tiny_run_writes_all_outputs(tiny_cfg):
@@ -53,16 +53,7 @@ def test_mid_epoch_resume_is_bit_exact(tmp_path):
     # stop after 7 iterations by making the run believe a signal arrived, then resume
 
     trainer = Trainer(tiny_digits_config(tmp_path / "b", optim__epochs=1), None)
-    count = {"n": 0}
-    real_observe = trainer.monitor.observe
-
-    def observe(*args):  # called once per iteration: simulate a SIGTERM after the 7th
-        real_observe(*args)
-        count["n"] += 1
-        if count["n"] == 7:
-            trainer.stop_signal = 15
-
-    trainer.monitor.observe = observe
+    stop_after(trainer, 7)
     assert trainer.run()["status"] == "interrupted"
     assert read_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["batch_in_epoch"] == 7
     train(tiny_digits_config(tmp_path / "b", optim__epochs=1, run__resume=True))

@@ -13,7 +13,7 @@ from jemfast.data import load_data
 from jemfast.energy import JEM
 from jemfast.init_dist import ClassGaussians
 from jemfast.train import Trainer, train
-from tests.conftest import tiny_digits_config
+from tests.conftest import stop_after, tiny_digits_config
 
 CPU = torch.device("cpu")
 
@@ -84,15 +84,7 @@ def test_semi_supervised_mid_epoch_resume_is_bit_exact(tmp_path):
     kw = {"data__labels_per_class": 10, "optim__epochs": 1}
     train(tiny_digits_config(tmp_path / "a", **kw))
     trainer = Trainer(tiny_digits_config(tmp_path / "b", **kw), None)
-    real_observe, count = trainer.monitor.observe, {"n": 0}
-
-    def observe(*args):
-        real_observe(*args)
-        count["n"] += 1
-        if count["n"] == 7:
-            trainer.stop_signal = 15
-
-    trainer.monitor.observe = observe
+    stop_after(trainer, 7)
     assert trainer.run()["status"] == "interrupted"
     train(tiny_digits_config(tmp_path / "b", run__resume=True, **kw))
     a = read_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
