@@ -18,7 +18,8 @@ import torch
 from tqdm import tqdm
 
 from . import distributed, shards
-from .build import build_buffer, build_model, build_optimizer, build_sampler, resolve_device, seed_all
+from .build import (apply_optimizer_settings, build_buffer, build_model, build_optimizer, build_sampler,
+                    resolve_device, seed_all)
 from .checkpoint import Progress, fits_run, read_checkpoint, restore_training_state, training_state
 from .cli import config_from_args, run_cli
 from .config import Config, validate
@@ -267,6 +268,7 @@ class Trainer:
         ckpt = shards.for_rank(ckpt, distributed.rank(), distributed.world_size(), self.buffer.capacity)
         restore_training_state(ckpt, self.model, self.optimizer, self.buffer, self.sampler, self.progress,
                                self.recovery, source=path)
+        apply_optimizer_settings(self.cfg, self.optimizer)
         self.recovery.checkpointed(ckpt, path)
         self._reapply_lost_restarts(lost)
         self.sampler.n_steps = self.cfg.sampler.n_steps * self.recovery.sgld_steps_factor
@@ -305,6 +307,7 @@ class Trainer:
         after, the recovery state is kept); returns its iteration."""
         restore_training_state(self._rollback_target(self.recovery.depth), self.model, self.optimizer, self.buffer,
                                self.sampler, self.progress, recovery=None, restore_rng=False)
+        apply_optimizer_settings(self.cfg, self.optimizer)  # the target may predate a resume that changed them
         return self.progress.step
 
     def _rollback_target(self, depth: int) -> dict[str, Any]:
