@@ -1,8 +1,10 @@
 """The trainer of a data-parallel run under ``torchrun`` (``WORLD_SIZE`` > 1).
 
 Each rank trains on its slice of every global batch (the same seeded permutation on every
-rank, cut into ``world`` slices of ``--batch-size``), keeps its own replay-buffer shard of
-``buffer_size // world`` rows on its own device and runs its own chains (seed ``seed + rank``).
+rank, cut into ``world`` slices of ``--batch-size``; semi-supervised runs cut the global
+labelled batch the same way, from the labelled subset every rank holds whole), keeps its own
+replay-buffer shard of ``buffer_size // world`` rows on its own device and runs its own chains
+(seed ``seed + rank``).
 The loss forward goes through :class:`~torch.nn.parallel.DistributedDataParallel` (gradients
 all-reduced, so every rank holds the same model and optimizer); SGLD uses the bare model.
 
@@ -112,6 +114,15 @@ def data_parallel(base: type) -> type:
             if inject_rank not in (None, "") and int(inject_rank) != self.rank:
                 self.hooks = [h for h in self.hooks if not isinstance(h, InjectDivergence)]
 
+        def run(self) -> dict[str, Any]:
+            try:
+                return super().run()
+            except RuntimeError as exc:
+                if not distributed.lost_peer(exc):
+                    raise
+                raise distributed.peer_lost(exc, f"last good checkpoint: {self.recovery.last_good}; "
+                                                 f"continue with --resume") from None
+
         # ---- collective decisions ------------------------------------------------------
         def _reduce_flags(self, flags: torch.Tensor) -> int:
             """The OR of every rank's divergence flags (one host sync + one tiny all-reduce);
@@ -133,6 +144,14 @@ def data_parallel(base: type) -> type:
             b, r = self.cfg.optim.batch_size, self.rank
             for x, y in self.data.train.batches(b * self.world, order_seed, start, drop_last=True):
                 yield x[r * b:(r + 1) * b], y[r * b:(r + 1) * b]
+
+        def _labelled_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+            """This rank's slice of the global labelled batch: every rank holds the same labelled
+            subset (jemfast.data chooses it from no seed and no rank), so the ranks' slices are
+            together exactly a single process's batch of ``--batch-size x world`` images."""
+            b, r = self.cfg.optim.batch_size, self.rank
+            x, y = self.data.labelled.cycled_batch(b * self.world, self._order_seed(), self.progress.batch_in_epoch)
+            return x[r * b:(r + 1) * b], y[r * b:(r + 1) * b]
 
         # ---- files: rank 0 writes and reads, the others send and receive -----------------
         def _start_outputs(self) -> None:

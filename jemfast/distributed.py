@@ -6,13 +6,18 @@ gloo on the CPU) and a second, gloo group for the control plane: divergence and 
 checkpoint gathering and broadcasting (Python objects and CPU tensors, whatever the device).
 Every collective has a timeout (``JEMFAST_DIST_TIMEOUT`` seconds, default 600), so a rank that
 died never leaves the others waiting forever; ``torchrun`` also stops the group when one of its
-processes dies.
+processes dies (SIGTERM to the others, SIGKILL 30 s later). A collective that fails because a
+peer died (gloo sees its connection close at once; NCCL at the timeout) ends this process with
+:class:`PeerLost`: one line on rank 0, none elsewhere, no traceback.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import re
+import signal
+import threading
 from datetime import timedelta
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -27,6 +32,34 @@ _control: Any = None  # the gloo group of the control-plane collectives
 
 class PeerFailed(UserError):
     """Another rank failed (rank 0 reports why, as one line): this rank stops silently."""
+
+
+class PeerLost(UserError):
+    """A collective failed: another process of the run died or cannot be reached (exit code 1)."""
+
+    exit_code = 1
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """``exc`` is a failed collective (torch's DistError, or the RuntimeError that gloo/NCCL
+    raise through DistributedDataParallel's backward), not a bug of ours."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(k in text for k in ("/gloo/", "Gloo", "NCCL", "ProcessGroup"))
+
+
+def peer_lost(exc: BaseException, hint: str) -> PeerLost:
+    """The one-line error of a failed collective ``exc``, ending with ``hint``."""
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", one_line(str(exc), 1000)).split(". ")[0]  # gloo: "[file:line] why. ..."
+    return PeerLost(f"lost contact with another process of the run ({one_line(reason, 120)}); {hint}")
+
+
+def _ignore_further_signals() -> None:
+    """On the way out after a lost peer, torchrun's SIGTERM would only cut our one line short."""
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
 
 
 def env_world_size() -> int:
@@ -73,7 +106,7 @@ def rank_device(name: str) -> torch.device:
 @contextlib.contextmanager
 def session(device_name: str) -> Iterator[None]:
     """Start the process groups when launched with ``WORLD_SIZE`` > 1 (else do nothing);
-    destroy them on exit."""
+    destroy them on exit. A collective that failed inside becomes :class:`PeerLost`."""
     global _control
     if env_world_size() <= 1 or active():
         yield
@@ -88,6 +121,13 @@ def session(device_name: str) -> Iterator[None]:
         logging.getLogger("jemfast").setLevel(logging.ERROR)
     try:
         yield
+    except (PeerLost, RuntimeError) as exc:
+        if not isinstance(exc, PeerLost) and not lost_peer(exc):
+            raise
+        _ignore_further_signals()
+        if isinstance(exc, PeerLost):
+            raise
+        raise peer_lost(exc, "torchrun names the one that failed") from None
     finally:
         _control = None
         dist.destroy_process_group()

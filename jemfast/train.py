@@ -192,7 +192,7 @@ class Trainer:
         x_px = None
         if self.data.labelled is not None:  # semi-supervised: (x, y) feeds p(x) only, labels unused
             x_px = self.data.prepare_train(x)
-            x, y = self.data.labelled.cycled_batch(cfg.optim.batch_size, self._order_seed(), p.batch_in_epoch)
+            x, y = self._labelled_batch()
         out = train_step(cfg, self.model, self.optimizer, self.sampler, self.buffer,
                          self.data.prepare_train(x), y, self.data.n_classes, x_px=x_px, loss_model=self.loss_model)
         self.monitor.observe(out.metrics, out.x_fake)
@@ -345,6 +345,9 @@ class Trainer:
 
     def _batches(self, order_seed: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.data.train.batches(self.cfg.optim.batch_size, order_seed, start, drop_last=True)
+
+    def _labelled_batch(self) -> tuple[torch.Tensor, torch.Tensor]:  # semi-supervised runs
+        return self.data.labelled.cycled_batch(self.cfg.optim.batch_size, self._order_seed(), self.progress.batch_in_epoch)
 
     def _stopping(self) -> bool:
         return self.stop_signal is not None

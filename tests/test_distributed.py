@@ -8,65 +8,29 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from jemfast.checkpoint import read_checkpoint
 from jemfast.train import train
 from tests.conftest import REPO, tiny_digits_config
+from tests.ddp_helpers import PER_EPOCH, TINY, env, free_port, last, torchrun, torchrun_cmd, wait_for
 
 pytestmark = pytest.mark.slow
 
-TINY = ["--dataset", "digits", "--hidden", "8", "--buffer-size", "200", "--sgld-steps", "2", "--warmup-iters", "0",
-        "--device", "cpu", "--no-progress", "--seed", "3"]
-PER_EPOCH = 1257 // 128  # global batch 2 x 64
 
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "JEMFAST_DIST_TIMEOUT": "120"}
-    env.update(extra)
-    return env
-
-
-def torchrun(args: list[str], timeout: float = 400, **popen) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "jemfast.train", *TINY, *args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=_env(), **popen)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_ranks(args: list[str], **env: str) -> list[subprocess.Popen]:
+def start_ranks(args: list[str], **extra: str) -> list[subprocess.Popen]:
     """The two worker processes torchrun would start, started here (their exit codes are ours to read)."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(2):
-        e = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank),
-                 LOCAL_WORLD_SIZE="2", **env)
+        e = env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank),
+                LOCAL_WORLD_SIZE="2", **extra)
         procs.append(subprocess.Popen([sys.executable, "-m", "jemfast.train", *TINY, *args], cwd=REPO, env=e,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
-
-
-def wait_for(path: Path, timeout: float = 300) -> None:
-    t0 = time.time()
-    while not path.exists():
-        assert time.time() - t0 < timeout, f"{path} never appeared"
-        time.sleep(0.2)
-
-
-def last(out: Path) -> dict:
-    return read_checkpoint(out / "checkpoints" / "last.pt")
 
 
 def test_two_ranks_train_one_model_and_resume_after_kill(tmp_path):
@@ -94,9 +58,7 @@ def test_two_ranks_train_one_model_and_resume_after_kill(tmp_path):
 
     # kill -9 of the whole group after the first epoch's checkpoint, then --resume finishes
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "jemfast.train", *TINY, "--epochs", "3", "--out", str(killed)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(torchrun_cmd(["--epochs", "3", "--out", str(killed)]), cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     wait_for(killed / "checkpoints" / f"good-{PER_EPOCH:09d}.pt")
     os.killpg(proc.pid, signal.SIGKILL)
