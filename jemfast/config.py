@@ -22,6 +22,7 @@ from .schema import Kind, check_field, check_fields, declared, label_of, option,
 DATASETS = ("cifar10", "cifar100", "svhn", "digits", "toy2d")
 MODELS = ("wrn", "cnn", "mlp")
 NORMS = ("none", "batch", "group", "layer")
+WRN_LAYOUTS = ("jemfast", "original")
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "reference", "fused", "graph", "compile")
@@ -67,6 +68,10 @@ class ModelConfig:
     width: int = option(10, "--width", "WRN widen factor", lo=1, hi=64)
     norm: str = option("none", "--norm", "WRN normalization", choices=NORMS)
     dropout: float = option(0.0, "--dropout", "WRN dropout rate", lo=0.0, lt=1.0)
+    wrn_layout: str = option("jemfast", "--wrn-layout",
+                             "WRN block layout: jemfast (downsample in the first conv) or original (the original "
+                             "JEM code's Wide_ResNet: downsample in the second conv, batch-norm momentum 0.9; "
+                             "for converted original checkpoints, jemfast.compat)", choices=WRN_LAYOUTS)
     hidden: int = option(128, "--hidden", "CNN first-layer channels / MLP width", lo=1, hi=65536)
 
 
