@@ -177,7 +177,7 @@ def main(args):
     f, replay_buffer = get_model_and_buffer(args, device)
     optim = t.optim.Adam(f.parameters(), lr=args.lr, betas=(.9, .999))
     if args.guard:  # jemfast's divergence guard, line 1 of 3
-        guard = jemfast.Guard(f, optim, buffer=replay_buffer)
+        guard = jemfast.Guard(f, optim, buffer=replay_buffer, sampler=args)  # args.n_steps: restart 3 doubles it
     labelled = batches(x_train, y_train, args.batch_size, forever=True)
     cur_iter, history, t0 = 0, [], time.perf_counter()
     for epoch in range(args.n_epochs):
