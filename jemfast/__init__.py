@@ -1,6 +1,7 @@
 """jemfast: fast, self-stabilising training of Joint Energy-based Models (JEM).
 
-Training entry point: ``from jemfast.train import train`` (or ``python -m jemfast.train``).
+Training entry point: ``from jemfast.train import train`` (or ``python -m jemfast.train``);
+for a training loop of your own, :class:`jemfast.Guard` adds the same divergence recovery.
 """
 import os as _os
 import sys as _sys
@@ -28,7 +29,9 @@ from .buffer import ReplayBuffer  # noqa: E402
 from .checkpoint import load_checkpoint  # noqa: E402
 from .config import Config  # noqa: E402
 from .energy import JEM, LogDensity  # noqa: E402
+from .guard import Guard  # noqa: E402
 from .sgld import SGLD  # noqa: E402
 from .step import jem_loss  # noqa: E402
 
-__all__ = ["JEM", "LogDensity", "ReplayBuffer", "SGLD", "Config", "jem_loss", "load_checkpoint", "__version__"]
+__all__ = ["JEM", "Guard", "LogDensity", "ReplayBuffer", "SGLD", "Config", "jem_loss", "load_checkpoint",
+           "__version__"]

@@ -82,7 +82,8 @@ class ReplayBuffer:
         """A buffer holding the rows of ``data: Tensor[N, *sample_shape]`` (e.g. an original JEM
         checkpoint's ``replay_buffer``), on ``device`` (default: ``data``'s). The rows are stored
         as contiguous fp32: when ``data`` already is that on ``device`` it is used as it is (the
-        buffer's draws and updates then read and write ``data``), else copied."""
+        buffer's draws, updates, :meth:`reset` and :meth:`load_state_dict` then read and write
+        ``data`` in place), else copied."""
         if not isinstance(data, torch.Tensor) or data.dim() < 1:
             raise ValueError(f"data: expected a Tensor[N, *sample_shape], got {type(data).__name__}")
         buf = cls.__new__(cls)
@@ -185,8 +186,9 @@ class ReplayBuffer:
         self.data.index_copy_(0, idx, x.detach().to(self.data.dtype))
 
     def reset(self) -> None:
-        """Re-initialise every row to U(-1, 1) or ``init_fn`` (a stability recovery action)."""
-        self.data = self.random_init(self.capacity, self._row_classes())
+        """Re-initialise every row to U(-1, 1) or ``init_fn`` (a stability recovery action), in
+        place."""
+        self.data.copy_(self.random_init(self.capacity, self._row_classes()))
 
     # ---- noise state and checkpoints ------------------------------------------------------------
     def _kernel_rng_state(self) -> torch.Tensor:
@@ -228,7 +230,7 @@ class ReplayBuffer:
         data = state["data"]
         if tuple(data.shape) != tuple(self.shape):
             raise ValueError(f"buffer: checkpoint holds shape {tuple(data.shape)}, expected {tuple(self.shape)}")
-        self.data = data.to(self.device, torch.float32).clone()
+        self.data.copy_(data)  # in place: a from_tensor buffer keeps sharing its tensor
         if state.get("reinit_freq") is not None:
             self.reinit_freq = check_value("sampler.reinit_freq", state["reinit_freq"], "reinit_freq")
         if state.get("kernel_rng_state") is not None:

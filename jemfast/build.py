@@ -57,6 +57,16 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
+def apply_optimizer_settings(cfg: Config, optimizer: torch.optim.Optimizer) -> None:
+    """Set ``--weight-decay`` (and SGD's ``--momentum``) on every parameter group: a restored
+    optimizer state carries the checkpoint's values, and a resume may change them (the lr is
+    set every iteration by the schedule)."""
+    for group in optimizer.param_groups:
+        group["weight_decay"] = cfg.optim.weight_decay
+        if isinstance(optimizer, torch.optim.SGD):
+            group["momentum"] = cfg.optim.momentum
+
+
 def build_buffer(cfg: Config, input_shape: tuple[int, ...], n_classes: int, device: torch.device,
                  init_fn: Callable[[int, torch.Tensor | None], torch.Tensor] | None = None) -> ReplayBuffer:
     """The replay buffer; ``init_fn`` (see :mod:`jemfast.init_dist`) replaces U(-1, 1) for fresh chains."""

@@ -43,7 +43,7 @@ from .config import Config
 from .buffer import ReplayBuffer
 from .errors import UserError
 from .sgld import SGLD
-from .stability import RecoveryState
+from .stability import RecoveryState, clone_state
 
 FORMAT_VERSION = 2
 # Testing aid: seconds to pause between writing a checkpoint's bytes and renaming it into place.
@@ -194,7 +194,7 @@ def restore_training_state(ckpt: dict[str, Any], model: nn.Module, optimizer: to
     effects of restarts persist); ``restore_rng=False`` keeps the RNG streams."""
     fits_run(ckpt, model, buffer, source, optimizer)
     model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    optimizer.load_state_dict(clone_state(ckpt["optimizer"]))  # it would keep ckpt's tensors (a snapshot's) as its own
     buffer.load_state_dict(ckpt["buffer"])
     sampler.load_state_dict(ckpt["sampler"])  # n_steps and the fused/graph kernel noise state
     for f in dataclasses.fields(progress):

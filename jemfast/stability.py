@@ -29,6 +29,9 @@ further in the on-disk ring each time (the newest one was already on its way out
 
 After ``max_restarts`` restarts a further divergence stops the run (exit code 3) with the last
 good checkpoint intact.
+
+:func:`restart` carries out one restart; :class:`jemfast.train.Trainer` and
+:class:`jemfast.guard.Guard` (the same policy inside a user's own loop) both call it.
 """
 from __future__ import annotations
 
@@ -39,6 +42,9 @@ from typing import Any, Callable
 import torch
 
 from .config import StabilityConfig
+from .log import get_logger
+
+log = get_logger(__name__)
 
 CAUSES = (
     "non-finite loss or energy",
@@ -185,10 +191,15 @@ class RecoveryState:
     saved_since_recovery: bool = True
     depth: int = 0
 
-    def checkpointed(self, state: dict[str, Any], path: Path) -> None:
-        """A good checkpoint ``state`` was written to ``path``: it is the new rollback target."""
-        self.snapshot, self.last_good = clone_state(state), path
+    def checkpointed(self, state: dict[str, Any], path: Path | None) -> None:
+        """A good checkpoint ``state`` was written to ``path`` (None: kept in memory only): it
+        is the new rollback target (copied into the previous snapshot's tensors where they fit)."""
+        self.snapshot, self.last_good = clone_state(state, into=self.snapshot), path
         self.saved_since_recovery = True
+
+    def exhausted(self, max_restarts: int) -> bool:
+        """True when a divergence now must stop the run: restarts used up, or nothing to roll back to."""
+        return len(self.restarts) >= max_restarts or self.snapshot is None
 
     def next_action(self, base_seed: int) -> RecoveryAction:
         """The action of the next restart; moves one checkpoint further back if the last
@@ -211,14 +222,51 @@ class RecoveryState:
         self.sgld_steps_factor = int(state["sgld_steps_factor"])
 
 
-def clone_state(obj: Any) -> Any:
-    """Deep copy of a checkpoint dict (tensors cloned), so later training does not alias it."""
+def restart(rec: RecoveryState, base_seed: int, diverged_at: int, cause: str,
+            roll_back: Callable[[RecoveryAction], int], reseed: Callable[[int], None],
+            sampler: Any | None, base_n_steps: int, reset_buffer: Callable[[], None]) -> dict[str, Any]:
+    """Carry out the next restart of the policy; returns its event (also appended to ``rec.restarts``).
+
+    ``roll_back(action)`` restores the state ``rec.depth`` good states back (the action's lr and
+    SGLD-step factors are already in ``rec``) and returns the iteration that state was taken at;
+    ``reseed(seed)`` reseeds every random stream of the run; the sampler then runs
+    ``base_n_steps`` x ``rec.sgld_steps_factor`` steps; ``reset_buffer()`` re-initialises the
+    replay buffer when the action says so. Logs one warning line.
+    """
+    action = rec.next_action(base_seed)
+    rec.apply(action)
+    rolled_back_to = roll_back(action)
+    reseed(action.new_seed)
+    if sampler is not None:
+        sampler.n_steps = base_n_steps * rec.sgld_steps_factor
+    if action.reset_buffer:
+        reset_buffer()
+    event = {"event": "restart", "restart": action.restart, "step": diverged_at, "rolled_back_to": rolled_back_to,
+             "cause": cause, "action": action.describe()}
+    rec.restarts.append(event)
+    log.warning(f"divergence at iteration {diverged_at} ({cause}); restart {action.restart}: "
+                f"rolled back to iteration {rolled_back_to}, {action.describe()}")
+    return event
+
+
+def clone_state(obj: Any, into: Any = None) -> Any:
+    """Deep copy of a checkpoint dict (tensors cloned), so later training does not alias it.
+
+    ``into``: an earlier copy of the same structure; its tensors of the same shape, dtype and
+    device are overwritten in place instead of newly allocated (a snapshot refreshed every few
+    iterations then costs no second copy's memory).
+    """
     if isinstance(obj, torch.Tensor):
+        if (isinstance(into, torch.Tensor) and into is not obj and into.shape == obj.shape
+                and into.dtype == obj.dtype and into.device == obj.device):
+            return into.copy_(obj.detach())
         return obj.detach().clone()
     if isinstance(obj, dict):
-        return {k: clone_state(v) for k, v in obj.items()}
+        old = into if isinstance(into, dict) else {}
+        return {k: clone_state(v, old.get(k)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(clone_state(v) for v in obj)
+        old = into if type(into) is type(obj) and len(into) == len(obj) else [None] * len(obj)
+        return type(obj)(clone_state(v, o) for v, o in zip(obj, old))
     return obj
 
 

@@ -18,7 +18,8 @@ import torch
 from tqdm import tqdm
 
 from . import distributed, shards
-from .build import build_buffer, build_model, build_optimizer, build_sampler, resolve_device, seed_all
+from .build import (apply_optimizer_settings, build_buffer, build_model, build_optimizer, build_sampler,
+                    resolve_device, seed_all)
 from .checkpoint import Progress, fits_run, read_checkpoint, restore_training_state, training_state
 from .cli import config_from_args, run_cli
 from .config import Config, validate
@@ -34,7 +35,7 @@ from .resume import read_resume_checkpoint
 from .rundir import (drop_previous, mark_best, prepare_out, remove_stale_temp_files,
                      restore_previous, save_good_checkpoint, set_aside_previous, write_json)
 from .summary import existing_summary, run_summary, write_failure_summary
-from .stability import DivergenceMonitor, InjectDivergence, RecoveryState, recovery_action
+from .stability import DivergenceMonitor, InjectDivergence, RecoveryAction, RecoveryState, recovery_action, restart
 from .step import accuracy, lr_at, set_lr, train_step
 from .threads import configure_threads
 
@@ -267,6 +268,7 @@ class Trainer:
         ckpt = shards.for_rank(ckpt, distributed.rank(), distributed.world_size(), self.buffer.capacity)
         restore_training_state(ckpt, self.model, self.optimizer, self.buffer, self.sampler, self.progress,
                                self.recovery, source=path)
+        apply_optimizer_settings(self.cfg, self.optimizer)
         self.recovery.checkpointed(ckpt, path)
         self._reapply_lost_restarts(lost)
         self.sampler.n_steps = self.cfg.sampler.n_steps * self.recovery.sgld_steps_factor
@@ -276,13 +278,11 @@ class Trainer:
     def _reapply_lost_restarts(self, lost: list[dict[str, Any]]) -> None:
         """Restarts logged after the checkpoint (the process was killed before the next one):
         apply their actions again, as the rollback they made had restored this very state."""
-        rec, p = self.recovery, self.progress
+        rec = self.recovery
         for event in lost:
             action = recovery_action(int(event["restart"]), self.cfg.run.seed)
             rec.apply(action)
-            p.seed = action.new_seed
-            self._seed_all(p.seed)
-            self._reseed_kernels(p.seed)
+            self._reseed(action.new_seed)
             if action.reset_buffer:
                 self.buffer.reset()
             rec.restarts.append(event)
@@ -292,30 +292,23 @@ class Trainer:
         """Roll back and restart with the next action of the recovery policy (jemfast.stability),
         or stop with :class:`DivergenceExhausted` when the restarts are used up."""
         rec, p = self.recovery, self.progress
-        if len(rec.restarts) >= self.cfg.stability.max_restarts or rec.snapshot is None:
+        if rec.exhausted(self.cfg.stability.max_restarts):
             self.metrics.write({"event": "diverged", "step": p.step, "cause": cause, "restarts": len(rec.restarts)})
             self.finish("diverged")
             raise DivergenceExhausted(
                 f"training diverged at iteration {p.step} ({cause}) after "
                 f"{len(rec.restarts)} restart(s); last good checkpoint: {rec.last_good}")
-        diverged_at = p.step
-        action = rec.next_action(self.cfg.run.seed)
-        rec.apply(action)
-        restore_training_state(self._rollback_target(rec.depth), self.model, self.optimizer, self.buffer,
-                               self.sampler, p, recovery=None, restore_rng=False)
-        p.seed = action.new_seed
-        self._seed_all(p.seed)
-        self._reseed_kernels(p.seed)
-        self.sampler.n_steps = self.cfg.sampler.n_steps * rec.sgld_steps_factor
-        if action.reset_buffer:
-            self.buffer.reset()
-        event = {"event": "restart", "restart": action.restart, "step": diverged_at, "rolled_back_to": p.step,
-                 "cause": cause, "action": action.describe()}
-        rec.restarts.append(event)
-        self.metrics.write(event)
+        self.metrics.write(restart(rec, self.cfg.run.seed, p.step, cause, self._roll_back, self._reseed,
+                                   self.sampler, self.cfg.sampler.n_steps, self.buffer.reset))
         self.bar.n = p.step
-        log.warning(f"divergence at iteration {diverged_at} ({cause}); restart {action.restart}: "
-                    f"rolled back to iteration {p.step}, {action.describe()}")
+
+    def _roll_back(self, action: RecoveryAction) -> int:
+        """Restore the good state ``recovery.depth`` checkpoints back (the RNG streams are reseeded
+        after, the recovery state is kept); returns its iteration."""
+        restore_training_state(self._rollback_target(self.recovery.depth), self.model, self.optimizer, self.buffer,
+                               self.sampler, self.progress, recovery=None, restore_rng=False)
+        apply_optimizer_settings(self.cfg, self.optimizer)  # the target may predate a resume that changed them
+        return self.progress.step
 
     def _rollback_target(self, depth: int) -> dict[str, Any]:
         """The in-memory snapshot (depth 0) or the ``depth``-th older good checkpoint on disk."""
@@ -335,6 +328,12 @@ class Trainer:
             except UserError as exc:
                 log.warning(f"{exc}; rolling back further")
         return None
+
+    def _reseed(self, seed: int) -> None:
+        """A restart's new seed: the run's seed from now on, in every RNG and kernel noise stream."""
+        self.progress.seed = seed
+        self._seed_all(seed)
+        self._reseed_kernels(seed)
 
     def _seed_all(self, seed: int) -> None:  # this and the next two: jemfast.ddp_trainer replaces them
         seed_all(seed)

@@ -99,6 +99,8 @@ def test_from_tensor_and_load_state_dict_of_a_plain_tensor():
     x, idx = buf.sample(6)
     buf.update(idx, x + 1)
     assert torch.equal(t[idx], x + 1)  # an fp32 tensor on the device is the buffer's storage
+    buf.reset()
+    assert buf.data.data_ptr() == t.data_ptr() and t.abs().max() <= 1 and not torch.equal(t[idx], x + 1)  # reset in place
     copied = ReplayBuffer.from_tensor(t.double())
     assert copied.data.dtype == torch.float32 and copied.data.data_ptr() != t.data_ptr()
     with pytest.raises(ValueError, match="multiple of 3"):

@@ -132,8 +132,11 @@ def test_orphaned_temp_checkpoints_are_removed_on_resume(saved_run, tmp_path):
 def test_resume_reports_each_changed_flag_and_records_what_was_used(saved_run, tmp_path, capsys):
     out = copy_run(saved_run, tmp_path / "run")
     assert main([*TINY, "--epochs", "2", "--out", str(out), "--resume", "--lr", "0.002",
-                 "--batch-size", "32", "--seed", "5", "--sgld-steps", "3"]) == 0
+                 "--batch-size", "32", "--seed", "5", "--sgld-steps", "3", "--weight-decay", "0.01"]) == 0
     err = capsys.readouterr().err
+    assert "--weight-decay: 0.0 in the checkpoint, 0.01 from iteration 19 on" in err
+    groups = read_checkpoint(out / "checkpoints" / "last.pt")["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.01]  # not the restored optimizer state's 0.0
     assert "--lr: 0.001 in the checkpoint, 0.002 from iteration 19 on" in err
     assert "--sgld-steps: 2 in the checkpoint, 3 from iteration 19 on" in err
     assert "--batch-size: continuing with the checkpoint's 64, not 32" in err
