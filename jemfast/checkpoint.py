@@ -243,8 +243,8 @@ def _check_fits(ckpt: dict[str, Any], model: nn.Module, buffer: ReplayBuffer,
     if optimizer is not None and name != ("sgd" if isinstance(optimizer, torch.optim.SGD) else "adam"):
         raise Corrupt(f"its optimizer state is {name}'s, this run's optimizer is {type(optimizer).__name__}")
     data = ckpt["buffer"]["data"]
-    if tuple(data.shape) != (rows, *buffer.shape):
-        raise Corrupt(f"buffer data has shape {list(data.shape)}, this run's buffer {[rows, *buffer.shape]}")
+    if tuple(data.shape) != (rows, *buffer.sample_shape):
+        raise Corrupt(f"buffer data has shape {list(data.shape)}, this run's buffer {[rows, *buffer.sample_shape]}")
     if ckpt["buffer"]["n_classes"] != (-1 if buffer.n_classes is None else buffer.n_classes):
         raise Corrupt("its buffer is split by class differently from this run's")
 

@@ -94,7 +94,8 @@ class OptimConfig:
 @dataclass
 class SamplerConfig:
     n_steps: int = option(20, "--sgld-steps", "SGLD steps per iteration", lo=1, hi=100_000)
-    step_size: float = option(1.0, "--sgld-step-size", "SGLD step size alpha", gt=0.0, hi=1e6)
+    step_size: float = option(1.0, "--sgld-step-size", "SGLD step size alpha (0: the chains are noise alone)",
+                              lo=0.0, hi=1e6)
     noise_std: float = option(0.01, "--sgld-noise", "SGLD noise std sigma", lo=0.0, hi=1e3)
     buffer_size: int = option(10000, "--buffer-size", "replay buffer capacity (rows)", lo=1, hi=10_000_000)
     reinit_freq: float = option(0.05, "--reinit-freq", "probability a drawn chain restarts from U(-1,1)",
