@@ -189,3 +189,13 @@ def test_convert_round_trip_through_a_jemfast_run(tmp_path, capsys):
     assert compat_main(["convert", str(run / "checkpoints" / "last.pt"), "--out", str(tmp_path / "y.pt"),
                         "--hidden", "16"]) == 2
     assert "--hidden apply only to an original checkpoint" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_foreign_file_in_one_line(tmp_path, capsys):
+    torch.save({"weights": torch.ones(1)}, tmp_path / "foreign.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    for name, message in (("foreign", "is not an original JEM checkpoint"), ("garbage", "corrupt or truncated")):
+        assert compat_main(["convert", str(tmp_path / f"{name}.pt"), "--out", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0] and err[0].startswith("jemfast.compat: error:")
+    assert not (tmp_path / "run").exists()

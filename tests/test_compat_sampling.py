@@ -1,7 +1,8 @@
 """jemfast.compat.get_sample_q against a faithful re-implementation of the original JEM sampler.
 
-``original_sample_q`` below restates, step by step, what ``sample_q`` in wgrathwohl/JEM
-``train_wrn_ebm.py`` does (buffer draw with re-init, SGLD ascent on f, in-place write-back).
+The reference is the hand-written ``sample_q`` of examples/jem_original_style.py, which restates
+step by step what ``sample_q`` in wgrathwohl/JEM ``train_wrn_ebm.py`` does (buffer draw with
+re-init, SGLD ascent on f, in-place write-back), random numbers in the original's order.
 With the same seed, jemfast.compat must draw the same random numbers in the same order, so the
 samples and the updated buffer agree to float tolerance (the update's additions associate
 differently, nothing more).
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 import jemfast.compat as compat
+from tests.compat_example import example
 
 SHAPE = (1, 8, 8)
 
@@ -47,32 +49,12 @@ class CCF(nn.Module):
 
 
 def original_sample_q(args: Namespace, f: nn.Module, buffer, y=None, n_steps=None) -> torch.Tensor:
-    """The original sampler, restated: eval mode; start rows from the buffer (or fresh U(-1, 1)
-    when it is empty), each restarted with probability reinit_freq; n_steps of
-    x += lr * df/dx + std * noise; train mode; write back in place."""
-    n_steps = args.n_steps if n_steps is None else n_steps
-    f.eval()
-    bs = args.batch_size if y is None else y.size(0)
-    if len(buffer) == 0:
-        start, rows = torch.FloatTensor(bs, *SHAPE).uniform_(-1, 1), None
-    else:
-        per = len(buffer) if y is None else len(buffer) // args.n_classes
-        rows = torch.randint(0, per, (bs,))
-        if y is not None:
-            rows = y.cpu() * per + rows
-        kept = buffer[rows]
-        new = torch.FloatTensor(bs, *SHAPE).uniform_(-1, 1)
-        pick = (torch.rand(bs) < args.reinit_freq).float()[:, None, None, None]
-        start = pick * new + (1 - pick) * kept
-    x = start.clone().requires_grad_(True)
-    for _ in range(n_steps):
-        g = torch.autograd.grad(f(x, y=y).sum(), [x])[0]
-        x.data += args.sgld_lr * g + args.sgld_std * torch.randn_like(x)
-    f.train()
-    out = x.detach()
-    if len(buffer) > 0:
-        buffer[rows] = out.cpu()
-    return out
+    """The original sampler as examples/jem_original_style.py restates it (its ``get_sample_q``):
+    eval mode; start rows from the buffer (or fresh U(-1, 1) when it is empty), each restarted
+    with probability reinit_freq; n_steps of x += lr * df/dx + std * noise; train mode; write
+    back in place. Its images are 1x8x8, this file's SHAPE."""
+    sample_q = example().get_sample_q(args, torch.device("cpu"))
+    return sample_q(f, buffer, y) if n_steps is None else sample_q(f, buffer, y, n_steps=n_steps)
 
 
 def both(args: Namespace, buffer_rows: int, y=None, n_steps=None, seed: int = 3):
@@ -179,3 +161,15 @@ def test_backend_from_env_and_auto(monkeypatch):
     sample_q = compat.get_sample_q(make_args(sgld_backend=None, n_steps=2, batch_size=4), "cpu")
     x = sample_q(f, buffer)
     assert sample_q.sampler.backend == "fused" and torch.isfinite(x).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the device-resident buffer path needs CUDA")
+def test_device_buffer_stays_on_the_device_and_is_updated_in_place():
+    args = make_args(sgld_backend=None)
+    f = CCF().cuda()
+    buffer = (torch.rand(40, *SHAPE) * 2 - 1).cuda()
+    before, ptr = buffer.clone(), buffer.data_ptr()
+    sample_q = compat.get_sample_q(args, "cuda")
+    x = sample_q(f, buffer)
+    assert x.is_cuda and buffer.is_cuda and buffer.data_ptr() == ptr and not torch.equal(buffer, before)
+    assert sample_q.sampler.backend == "graph" and torch.isfinite(x).all()

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from ..energy import LogDensity
 from ..log import get_logger, log_once
 from ..sgld import NAMES, SGLD
 
@@ -57,17 +58,6 @@ def sgld_backend(args: Namespace) -> tuple[str, str]:
     return name, source
 
 
-class _LogDensity(nn.Module):
-    """Energy view of a log-density model: ``energy(x, y) = -f(x, y=y)`` as ``Tensor[B]``."""
-
-    def __init__(self, f: nn.Module) -> None:
-        super().__init__()
-        self.f = f
-
-    def energy(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        return -self.f(x, y=y).float().reshape(x.shape[0])
-
-
 def get_sample_q(args: Namespace, device: torch.device | str,
                  init_fn: Callable[[Namespace, int], torch.Tensor] | None = None) -> Callable[..., torch.Tensor]:
     """The original ``sample_q(f, replay_buffer, y=None, n_steps=args.n_steps) -> Tensor[B, ...]``
@@ -82,7 +72,7 @@ def get_sample_q(args: Namespace, device: torch.device | str,
     device = torch.device(device)
     backend, source = sgld_backend(args)
     sampler = SGLD(n_steps=args.n_steps, step_size=args.sgld_lr, noise_std=args.sgld_std, backend=backend)
-    adapters: dict[int, tuple[nn.Module, _LogDensity]] = {}  # one per model: captured graphs key on it
+    adapters: dict[int, tuple[nn.Module, LogDensity]] = {}  # one per model: captured graphs key on it
 
     def fresh(bs: int, on: torch.device) -> torch.Tensor:
         if init_fn is not None:
@@ -112,11 +102,11 @@ def get_sample_q(args: Namespace, device: torch.device | str,
         restart = torch.rand(bs, device=on) < args.reinit_freq
         return torch.where(restart.view(-1, *[1] * (x.dim() - 1)), random_samples, x), inds
 
-    def energy_model(f: nn.Module) -> _LogDensity:
+    def energy_model(f: nn.Module) -> LogDensity:
         held = adapters.get(id(f))
         if held is None or held[0] is not f:
             adapters.clear()
-            held = adapters[id(f)] = (f, _LogDensity(f))
+            held = adapters[id(f)] = (f, LogDensity(f))
         return held[1]
 
     def sample_q(f: nn.Module, replay_buffer: Buffer, y: torch.Tensor | None = None,
@@ -127,8 +117,7 @@ def get_sample_q(args: Namespace, device: torch.device | str,
         f.eval()
         bs = args.batch_size if y is None else y.size(0)
         x0, inds = sample_p_0(replay_buffer, bs, y)
-        sampler.n_steps = args.n_steps if n_steps is None else n_steps
-        x = sampler.run(energy_model(f), x0.to(device), y)
+        x = sampler.run(energy_model(f), x0.to(device), y, n_steps=args.n_steps if n_steps is None else n_steps)
         log_once(log, ("compat", sampler.backend, device.type),
                  f"jemfast.compat sample_q: SGLD backend {sampler.backend} on {device.type} ({source})")
         f.train()
