@@ -28,8 +28,10 @@ prefer_passive_wait()  # before the first `import torch` below (jemfast.threads 
 from .buffer import ReplayBuffer  # noqa: E402
 from .checkpoint import load_checkpoint  # noqa: E402
 from .config import Config  # noqa: E402
-from .energy import JEM  # noqa: E402
+from .energy import JEM, LogDensity  # noqa: E402
 from .guard import Guard  # noqa: E402
 from .sgld import SGLD  # noqa: E402
+from .step import jem_loss  # noqa: E402
 
-__all__ = ["JEM", "Guard", "ReplayBuffer", "SGLD", "Config", "load_checkpoint", "__version__"]
+__all__ = ["JEM", "Guard", "LogDensity", "ReplayBuffer", "SGLD", "Config", "jem_loss", "load_checkpoint",
+           "__version__"]

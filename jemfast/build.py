@@ -71,6 +71,9 @@ def build_buffer(cfg: Config, input_shape: tuple[int, ...], n_classes: int, devi
                  init_fn: Callable[[int, torch.Tensor | None], torch.Tensor] | None = None) -> ReplayBuffer:
     """The replay buffer; ``init_fn`` (see :mod:`jemfast.init_dist`) replaces U(-1, 1) for fresh chains."""
     s = cfg.sampler
+    if s.class_cond and s.buffer_size % n_classes:
+        raise ValueError(f"--buffer-size (sampler.buffer_size) {s.buffer_size} with --class-cond: must be a multiple "
+                         f"of the {n_classes} classes (each class owns an equal share of the rows)")
     return ReplayBuffer(s.buffer_size, input_shape, n_classes if s.class_cond else None, s.reinit_freq, device,
                         init_fn=init_fn)
 

@@ -97,6 +97,27 @@ def atomic_save(obj: dict[str, Any], path: str | Path) -> None:
         os.close(dir_fd)
 
 
+def load_weights_only(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Any, int]:
+    """``(object, file size in bytes)``: what ``torch.load(path, weights_only=True)`` returns, after
+    checking the file exists and is a complete, uncompressed zip archive (:func:`_check_archive`).
+    Raises UserError (one line) for a missing, torn or truncated file and for one carrying
+    pickled objects; the object's structure is the caller's to check."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    file_bytes = _check_archive(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True), file_bytes
+    except pickle.UnpicklingError as exc:
+        first = _first_line(exc)
+        if "global" in str(exc).lower():  # weights-only unpickler met a class/function reference
+            raise UserError(f"checkpoint {path} was refused: it carries pickled objects that "
+                            f"weights-only loading does not run ({first})") from None
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({first})") from None
+    except Exception as exc:  # noqa: BLE001 - torn zips and garbage raise many kinds (IndexError, EOFError, ...)
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({_first_line(exc)})") from None
+
+
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint weights-only and check its whole structure (:mod:`jemfast.ckpt_schema`).
 
@@ -106,19 +127,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     shape, size or range); nothing read from the file is used before that check passes.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    file_bytes = _check_archive(path)
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = _first_line(exc)
-        if "global" in str(exc).lower():  # weights-only unpickler met a class/function reference
-            raise UserError(f"checkpoint {path} was refused: it carries pickled objects that "
-                            f"weights-only loading does not run ({first})") from None
-        raise UserError(f"checkpoint {path} is corrupt or truncated ({first})") from None
-    except Exception as exc:  # noqa: BLE001 - torn zips and garbage raise many kinds (IndexError, EOFError, ...)
-        raise UserError(f"checkpoint {path} is corrupt or truncated ({_first_line(exc)})") from None
+    ckpt, file_bytes = load_weights_only(path, map_location)
     if not isinstance(ckpt, dict) or "format_version" not in ckpt:
         raise UserError(f"checkpoint {path} is not a jemfast checkpoint")
     version = ckpt["format_version"]
@@ -234,8 +243,8 @@ def _check_fits(ckpt: dict[str, Any], model: nn.Module, buffer: ReplayBuffer,
     if optimizer is not None and name != ("sgd" if isinstance(optimizer, torch.optim.SGD) else "adam"):
         raise Corrupt(f"its optimizer state is {name}'s, this run's optimizer is {type(optimizer).__name__}")
     data = ckpt["buffer"]["data"]
-    if tuple(data.shape) != (rows, *buffer.shape):
-        raise Corrupt(f"buffer data has shape {list(data.shape)}, this run's buffer {[rows, *buffer.shape]}")
+    if tuple(data.shape) != (rows, *buffer.sample_shape):
+        raise Corrupt(f"buffer data has shape {list(data.shape)}, this run's buffer {[rows, *buffer.sample_shape]}")
     if ckpt["buffer"]["n_classes"] != (-1 if buffer.n_classes is None else buffer.n_classes):
         raise Corrupt("its buffer is split by class differently from this run's")
 

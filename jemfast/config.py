@@ -22,6 +22,7 @@ from .schema import Kind, check_field, check_fields, declared, label_of, option,
 DATASETS = ("cifar10", "cifar100", "svhn", "digits", "toy2d")
 MODELS = ("wrn", "cnn", "mlp")
 NORMS = ("none", "batch", "group", "layer")
+WRN_LAYOUTS = ("jemfast", "original")
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "reference", "fused", "graph", "compile")
@@ -67,6 +68,10 @@ class ModelConfig:
     width: int = option(10, "--width", "WRN widen factor", lo=1, hi=64)
     norm: str = option("none", "--norm", "WRN normalization", choices=NORMS)
     dropout: float = option(0.0, "--dropout", "WRN dropout rate", lo=0.0, lt=1.0)
+    wrn_layout: str = option("jemfast", "--wrn-layout",
+                             "WRN block layout: jemfast (downsample in the first conv) or original (the original "
+                             "JEM code's Wide_ResNet: downsample in the second conv, batch-norm momentum 0.9; "
+                             "for converted original checkpoints, jemfast.compat)", choices=WRN_LAYOUTS)
     hidden: int = option(128, "--hidden", "CNN first-layer channels / MLP width", lo=1, hi=65536)
 
 
@@ -89,7 +94,8 @@ class OptimConfig:
 @dataclass
 class SamplerConfig:
     n_steps: int = option(20, "--sgld-steps", "SGLD steps per iteration", lo=1, hi=100_000)
-    step_size: float = option(1.0, "--sgld-step-size", "SGLD step size alpha", gt=0.0, hi=1e6)
+    step_size: float = option(1.0, "--sgld-step-size", "SGLD step size alpha (0: the chains are noise alone)",
+                              lo=0.0, hi=1e6)
     noise_std: float = option(0.01, "--sgld-noise", "SGLD noise std sigma", lo=0.0, hi=1e3)
     buffer_size: int = option(10000, "--buffer-size", "replay buffer capacity (rows)", lo=1, hi=10_000_000)
     reinit_freq: float = option(0.05, "--reinit-freq", "probability a drawn chain restarts from U(-1,1)",

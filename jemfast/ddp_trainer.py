@@ -105,6 +105,10 @@ def data_parallel(base: type) -> type:
             if s.buffer_size // w < (n_classes or 1):
                 raise UserError(f"--buffer-size {s.buffer_size}: each of the {w} processes keeps "
                                 f"buffer_size // {w} rows, too few")
+            if n_classes and (s.buffer_size // w) % n_classes:
+                raise UserError(f"--buffer-size {s.buffer_size} with --class-cond: each of the {w} processes keeps "
+                                f"buffer_size // {w} rows, which must be a multiple of the {n_classes} classes "
+                                f"(use a multiple of {w * n_classes})")
             self.buffer = ReplayBuffer(s.buffer_size // w, self.data.input_shape, n_classes, s.reinit_freq,
                                        self.device, init_fn=self.buffer.init_fn)
             ids = [self.device.index] if self.device.type == "cuda" else None

@@ -32,7 +32,7 @@ from .rundir import checkpoint_candidates
 
 log = get_logger(__name__)
 
-IDENTITY = ("data.dataset", "model.name", "model.depth", "model.width", "model.norm",
+IDENTITY = ("data.dataset", "model.name", "model.depth", "model.width", "model.norm", "model.wrn_layout",
             "model.hidden", "sampler.buffer_size", "sampler.class_cond")
 KEEP = {
     "run.seed": "the run's data order and random streams follow it",

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .buffer import ReplayBuffer
-from .config import Config, LossConfig, OptimConfig
+from .config import Config, LossConfig, OptimConfig, check_value
 from .data import Split
 from .energy import energy_from_logits
 from .modes import autocast, eval_mode, precision_dtype
@@ -86,6 +86,32 @@ def loss_terms(model: nn.Module, x: torch.Tensor, x_fake: torch.Tensor | None, y
         out["loss_pxy"] = energy_from_logits(logits_real, y).mean() - energy_from_logits(next(pieces), y).mean()
         out["loss"] = loss + p_x_given_y_weight * out["loss_pxy"]
     return out
+
+
+def jem_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_fake: torch.Tensor | None = None, *,
+             x_fake_y: torch.Tensor | None = None, x_px: torch.Tensor | None = None,
+             p_y_given_x_weight: float = 1.0, p_x_weight: float = 1.0, p_x_given_y_weight: float = 0.0,
+             precision: str = "fp32") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The JEM objective for your own training loop: ``(loss, terms)``, with ``loss`` the scalar
+    to call ``backward()`` on (the module docstring's L; the :func:`loss_terms` that
+    ``jemfast.train`` uses) and ``terms`` its parts as device scalars: loss_ce, loss_px
+    (E(real) - E(fake)), e_real, e_fake, acc, and loss_pxy when ``x_fake_y`` is given.
+
+    ``model`` returns logits (a :class:`jemfast.JEM`, or the bare classifier); ``x, y`` the
+    labelled batch; ``x_fake`` SGLD samples for the p(x) term (None: no p(x) term);
+    ``x_fake_y`` samples given ``y`` for the p(x|y) term; ``x_px`` a separate real batch for
+    E(real) (semi-supervised; None: ``x``). Everything goes through the model in one batch;
+    set its train/eval mode yourself. ``precision="bf16"`` runs the forward under autocast.
+    """
+    px = check_value("loss.p_x_weight", p_x_weight, "p_x_weight")
+    pyx = check_value("loss.p_y_given_x_weight", p_y_given_x_weight, "p_y_given_x_weight")
+    pxy = check_value("loss.p_x_given_y_weight", p_x_given_y_weight, "p_x_given_y_weight")
+    if pxy > 0 and x_fake_y is None:
+        raise ValueError("p_x_given_y_weight > 0 needs x_fake_y (samples given y)")
+    terms = loss_terms(model, x, x_fake, y, pyx, px if x_fake is not None else 0.0, precision,
+                       x_px=x_px, x_fake_y=x_fake_y, p_x_given_y_weight=pxy)
+    loss = terms.pop("loss")
+    return loss, terms
 
 
 _compiled_loss_terms = None

@@ -1,5 +1,5 @@
 """Fused SGLD update, in place: ``x <- x - step_size * grad + noise_std * N(0, I)``, optionally
-clamped to [-1, 1].
+with ``grad`` clipped elementwise to [-grad_clip, grad_clip] first and the result clamped to [-1, 1].
 
 One elementwise Triton kernel reads ``x`` (fp32) and ``grad`` (fp32 or bf16), draws the Gaussian
 noise itself with Philox (``tl.randn``) and writes ``x`` back: one read of each input and one
@@ -25,14 +25,16 @@ _GRAD_DTYPES = (torch.float32, torch.bfloat16)
 if HAS_TRITON:
 
     @triton.jit
-    def _sgld_kernel(x_ptr, grad_ptr, rng_ptr, n_elements, step_size, noise_std,
-                     HAS_NOISE: tl.constexpr, CLAMP: tl.constexpr, BLOCK: tl.constexpr):
+    def _sgld_kernel(x_ptr, grad_ptr, rng_ptr, n_elements, step_size, noise_std, grad_clip,
+                     HAS_NOISE: tl.constexpr, CLAMP: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr):
         """x[i] <- x[i] - step_size * grad[i] + noise_std * randn(seed, offset + i) for i < n."""
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_elements
         x = tl.load(x_ptr + offs, mask=mask)
         g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
+        if CLIP:  # as torch.clamp: NaN stays NaN
+            g = tl.where(g != g, g, tl.minimum(tl.maximum(g, -grad_clip), grad_clip))
         x = x - step_size * g
         if HAS_NOISE:
             seed = tl.load(rng_ptr)
@@ -44,7 +46,7 @@ if HAS_TRITON:
 
 
 def sgld_update_(x: Tensor, grad: Tensor, step_size: float, noise_std: float, rng_state: Tensor,
-                 clamp: bool = False) -> Tensor:
+                 clamp: bool = False, grad_clip: float | None = None) -> Tensor:
     """One SGLD step on the chain state ``x``, in place, with noise drawn in the kernel.
 
     Args:
@@ -58,13 +60,15 @@ def sgld_update_(x: Tensor, grad: Tensor, step_size: float, noise_std: float, rn
         rng_state: int64 ``[2] = (seed, offset)`` on ``x``'s device; its offset is advanced
             by ``x.numel()`` on the device (see the module docstring).
         clamp: clamp the result to [-1, 1] (NaN stays NaN).
+        grad_clip: if not None, ``grad`` is clamped elementwise to [-grad_clip, grad_clip]
+            (units of ``grad``; NaN stays NaN) before the step.
 
     Returns:
         ``x`` itself.
 
     Raises:
         ValueError: ``x`` not fp32 or neither contiguous nor channels-last; ``grad`` of another shape, device or an
-            unsupported dtype; malformed ``rng_state``.
+            unsupported dtype; malformed ``rng_state``; ``grad_clip`` not positive.
         RuntimeError: Triton cannot run on ``x``'s device (see ``triton_available``).
 
     Never synchronises with the host, so it can be captured in a CUDA graph.
@@ -84,6 +88,8 @@ def sgld_update_(x: Tensor, grad: Tensor, step_size: float, noise_std: float, rn
         raise ValueError(f"{op}: grad is on {grad.device}, x on {x.device}")
     if grad.dtype not in _GRAD_DTYPES:
         raise ValueError(f"{op}: grad must be float32 or bfloat16, got {grad.dtype}")
+    if grad_clip is not None and not 0 < float(grad_clip) < float("inf"):
+        raise ValueError(f"{op}: grad_clip must be a positive finite number or None, got {grad_clip!r}")
     check_rng_state(rng_state, x.device, op)
     require_triton(x.device, "sgld_update")
     n = x.numel()
@@ -91,15 +97,17 @@ def sgld_update_(x: Tensor, grad: Tensor, step_size: float, noise_std: float, rn
         return x
     grad = grad.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     step_size, noise_std = float(step_size), float(noise_std)
+    clip = 0.0 if grad_clip is None else float(grad_clip)
     grid = (triton.cdiv(n, BLOCK_SIZE),)
-    _sgld_kernel[grid](x, grad, rng_state, n, step_size, noise_std,
-                       HAS_NOISE=noise_std != 0.0, CLAMP=bool(clamp), BLOCK=BLOCK_SIZE)
+    _sgld_kernel[grid](x, grad, rng_state, n, step_size, noise_std, clip,
+                       HAS_NOISE=noise_std != 0.0, CLAMP=bool(clamp), CLIP=grad_clip is not None, BLOCK=BLOCK_SIZE)
     rng_state[1:].add_(n)
     return x
 
 
 def sgld_update_reference(x: Tensor, grad: Tensor, step_size: float, noise_std: float,
-                          noise: Tensor | None = None, clamp: bool = False) -> Tensor:
+                          noise: Tensor | None = None, clamp: bool = False,
+                          grad_clip: float | None = None) -> Tensor:
     """Plain PyTorch SGLD step, out of place: ``x - step_size * grad + noise_std * noise``.
 
     Args:
@@ -109,11 +117,13 @@ def sgld_update_reference(x: Tensor, grad: Tensor, step_size: float, noise_std: 
         noise: standard-normal fp32 tensor of ``x``'s shape to scale by ``noise_std``;
             ``None`` means zeros (no noise).
         clamp: clamp the result to [-1, 1] (``Tensor.clamp`` keeps NaN as NaN).
+        grad_clip: as in :func:`sgld_update_`.
 
     Returns:
         A new fp32 tensor of ``x``'s shape.
     """
-    out = x.float() - step_size * grad.float()
+    grad = grad.float() if grad_clip is None else grad.float().clamp(-grad_clip, grad_clip)
+    out = x.float() - step_size * grad
     if noise is not None:
         out = out + noise_std * noise.float()
     if clamp:

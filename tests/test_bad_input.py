@@ -59,6 +59,8 @@ ROWS = [
     ("huge epochs", ["--overwrite", "--epochs", "1000000000000"], "--epochs (optim.epochs): must be <= 100000"),
     ("huge SGLD steps", ["--overwrite", "--sgld-steps", "1000000000"],
      "--sgld-steps (sampler.n_steps): must be <= 100000"),
+    ("class-conditional buffer that does not split", ["--overwrite", "--class-cond", "true", "--buffer-size", "205"],
+     "--buffer-size (sampler.buffer_size) 205 with --class-cond: must be a multiple of the 10 classes"),
     ("bad decay epoch", ["--decay-epochs", "5,0"],
      "--decay-epochs (optim.decay_epochs): each item must be >= 1, got 0"),
     ("not a boolean", ["--augment", "maybe"], "argument --augment: expected true/false"),

@@ -203,3 +203,32 @@ def test_cuda_graph_replays_draw_fresh_noise():
     assert rng.tolist() == [7, 3 * n]  # warm-up + two replays (capture does not run the kernel)
     again = _noise(n, torch.tensor([7, 2 * n], device="cuda"))
     torch.testing.assert_close(draws[1], again, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(7, 3, 5, 5), (1025,), (3,)])
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_grad_clip_matches_reference(shape, grad_dtype):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(shape, generator=gen).to(DEVICE)
+    grad = (3 * torch.randn(shape, generator=gen)).to(DEVICE, grad_dtype)
+    grad.view(-1)[0] = float("nan")  # NaN stays NaN through the clip, as torch.clamp keeps it
+    expected = sgld_update_reference(x, grad, 0.5, 0.0, grad_clip=0.75, clamp=False)
+    assert torch.isnan(expected.view(-1)[0])
+    finite = expected.view(-1)[1:]
+    assert (finite - x.view(-1)[1:]).abs().max() <= 0.5 * 0.75 + 1e-6  # every step within the clip
+    assert not torch.allclose(expected, sgld_update_reference(x, grad, 0.5, 0.0), equal_nan=True)
+    sgld_update_(x, grad, 0.5, 0.0, new_rng_state(0, DEVICE), grad_clip=0.75)
+    assert torch.isnan(x.view(-1)[0])
+    _assert_close(x.view(-1)[1:], finite)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="grad_clip"):
+            sgld_update_(x, grad, 0.5, 0.0, new_rng_state(0, DEVICE), grad_clip=bad)
+
+
+def test_grad_clip_with_noise_adds_the_same_noise():
+    x = torch.randn(6, 7, device=DEVICE)
+    grad = 10 * torch.randn(6, 7, device=DEVICE)
+    rng = new_rng_state(11, DEVICE)
+    noise = _noise(x.numel(), rng.clone()).view(6, 7)
+    out = sgld_update_(x.clone(), grad, 1.0, 1.0, rng, grad_clip=0.1)
+    _assert_close(out, sgld_update_reference(x, grad, 1.0, 1.0, noise=noise, grad_clip=0.1))

@@ -257,8 +257,10 @@ def test_buffer_uses_init_fn_for_initial_rows_and_reinit(digits, monkeypatch):
     buf.reset()
     assert dist(buf.data[800:1000], 4) < 0.05 < dist(buf.data[800:1000], 0)
     monkeypatch.setattr(buffer_mod, "_kernel_usable", lambda device: True)
-    assert not ReplayBuffer(20, (2,), init_fn=lambda n, y: torch.zeros(n, 2))._use_kernel
-    assert ReplayBuffer(20, (2,))._use_kernel  # without init_fn the kernel path stays
+    # the kernel path stays with an init_fn: it gathers, init_fn's rows replace the re-initialised
+    # ones (tests/test_library_hooks.py runs that path)
+    assert ReplayBuffer(20, (2,), init_fn=lambda n, y: torch.zeros(n, 2))._use_kernel
+    assert ReplayBuffer(20, (2,))._use_kernel
 
 
 def test_default_buffer_init_is_unchanged():

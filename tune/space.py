@@ -203,7 +203,8 @@ def default_space(base: Config) -> dict[str, Range]:
     return {
         "sampler.buffer_size": Range("choice", tuple(b for b in buf if b <= 10_000_000)),
         "sampler.reinit_freq": Range("loguniform", (0.01, 0.2)),
-        "sampler.step_size": Range("loguniform", (s.step_size / 4, s.step_size * 4)),
+        "sampler.step_size": Range("loguniform", (s.step_size / 4, s.step_size * 4))
+        if s.step_size > 0 else Range("fixed", (0.0,)),
         "sampler.noise_std": Range("loguniform", (s.noise_std / 4, s.noise_std * 4))
         if s.noise_std > 0 else Range("fixed", (0.0,)),
     }

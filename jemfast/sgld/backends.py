@@ -13,7 +13,8 @@ Every chain has the signature ``chain(model, x, y, spec) -> x`` (a new fp32 ``Te
 
 Every backend leaves parameters' ``.grad`` and ``requires_grad`` untouched (only the input
 gradient is computed), reads parameters live (optimizer updates are seen by the next call) and
-does not synchronise with the host. The caller (``SGLD.run``) sets eval mode and grad mode.
+does not synchronise with the host. The caller (``SGLD.run``) sets the sampling mode (eval by
+default) and grad mode.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..interrupt import raise_if_stopped
 from ..log import get_logger, log_once
-from .reference import EnergyOf, energy_of, torch_update
+from .reference import EnergyOf, energy_of, sgld_chain, torch_update
 from .spec import ChainSpec
 
 log = get_logger(__name__)
@@ -29,7 +29,7 @@ _input_grad = torch.func.grad(_energy_sum)  # d(sum_i E(x_i)) / dx, functional (
 
 def sgld_step(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor | None,
               step_size: torch.Tensor | float, noise_std: torch.Tensor | float, noise: torch.Tensor | None,
-              clamp: bool, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+              clamp: bool, autocast_dtype: torch.dtype | None, grad_clip: float | None = None) -> torch.Tensor:
     """One functional SGLD step (what this backend compiles); returns a new x.
 
     ``model`` is an :class:`EnergyOf` (built outside the compiled code); ``params`` are
@@ -40,7 +40,14 @@ def sgld_step(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor
     """
     with torch.no_grad():
         grad = _input_grad(x, model, params, y, autocast_dtype)
-        return torch_update(x, grad, step_size, noise_std, clamp, noise)
+        return torch_update(x, grad, step_size, noise_std, clamp, grad_clip, noise)
+
+
+def updates_running_stats(model: nn.Module) -> bool:
+    """Whether a forward of ``model`` writes buffers in place: a BatchNorm in train mode that
+    tracks running statistics (e.g. sampling with ``SGLD(mode="train")``)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+               for m in model.modules())
 
 
 class CompiledChain:
@@ -79,6 +86,13 @@ class CompiledChain:
         return self._consts[key]
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, spec: ChainSpec) -> torch.Tensor:
+        if spec.step_size == 0:  # noise alone, as the reference loop: nothing to compile
+            return sgld_chain(model, x.detach().float().clone(), y, spec)
+        if updates_running_stats(model):
+            log_once(log, ("compile", "train-bn"), "SGLD backend compile: BatchNorm samples in train mode here and "
+                     "updates its running statistics in place, which torch.func.grad cannot trace; these chains "
+                     "run the reference loop")
+            return sgld_chain(model, x.detach().float().clone(), y, spec)
         x = x.detach().float()
         params: dict[str, torch.Tensor] = {}
         if not self.cuda and x.dim() == 4:
@@ -97,7 +111,8 @@ class CompiledChain:
                 noise = torch.randn(x.shape, device=x.device)  # the reference's draw, in its order
             else:
                 noise = self._const(0.0, x.device, tuple(x.shape))
-            x = self.step(energy, params, x, y, step_t, noise_t, noise, spec.clamp, spec.autocast_dtype)
+            x = self.step(energy, params, x, y, step_t, noise_t, noise, spec.clamp, spec.autocast_dtype,
+                          spec.grad_clip)
             if self.cuda:
                 x = x.clone()
             if t0 is not None and i == 0:

@@ -1,4 +1,5 @@
-"""The ``fused`` backend: the reference loop with the Triton update (noise drawn in the kernel)."""
+"""The ``fused`` backend: the reference loop with the Triton update (noise drawn and the gradient
+clipped in the kernel)."""
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,8 @@ def kernel_update(rng_state: torch.Tensor) -> UpdateFn:
     from jemfast.kernels import sgld_update_
 
     def update(x: torch.Tensor, grad: torch.Tensor, step_size: float, noise_std: float,
-               clamp: bool) -> torch.Tensor:
-        return sgld_update_(x, grad, step_size, noise_std, rng_state, clamp)
+               clamp: bool, grad_clip: float | None = None) -> torch.Tensor:
+        return sgld_update_(x, grad, step_size, noise_std, rng_state, clamp, grad_clip)
 
     return update
 

@@ -1,6 +1,6 @@
 """The ``graph`` backend: the reference loop with the fused update, captured in one CUDA graph.
 
-One capture per :func:`capture_key`: the model (identity and train/eval mode), the batch shape
+One capture per :func:`capture_key`: the model (identity and every submodule's train/eval mode), the batch shape
 and layout (channels-last chains stay channels-last), whether labels are given, the :class:`ChainSpec`, the float settings that change which kernels
 run (TF32 flags, float32 matmul precision, cuDNN benchmark/deterministic), and every parameter's
 and buffer's dtype, shape and strides. Each capture holds static buffers: the chain state ``x``
@@ -23,6 +23,7 @@ outside the captures), and captures never run concurrently, so any replay order 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections import OrderedDict
@@ -56,7 +57,8 @@ def capture_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, spec:
     """What a captured chain depends on besides tensor values (pure; no CUDA needed)."""
     layout = tuple((t.dtype, tuple(t.shape), t.stride()) for t in itertools.chain(model.parameters(), model.buffers()))
     labels = None if y is None else (tuple(y.shape), y.dtype)
-    return (id(model), model.training, tuple(x.shape), chain_layout(x), labels, spec, float_settings(), layout)
+    modes = tuple(m.training for m in model.modules())  # a submodule may be in a mode of its own
+    return (id(model), modes, tuple(x.shape), chain_layout(x), labels, spec, float_settings(), layout)
 
 
 def lowp_params(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -129,7 +131,7 @@ class GraphChain(KernelNoise):
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            warm = ChainSpec(self.warmup_steps, spec.step_size, spec.noise_std, spec.clamp, spec.autocast_dtype)
+            warm = dataclasses.replace(spec, n_steps=self.warmup_steps)
             _chain_in_place(model, static_x.clone(), static_y, warm, rng.clone())
         torch.cuda.current_stream(self.device).wait_stream(side)
         if self.pool is None:

@@ -4,6 +4,10 @@ One step, with E the model's energy and x the chain state (fp32)::
 
     x <- x - step_size * dE/dx + noise_std * N(0, I)      (then clamp to [-1, 1] if asked)
 
+where dE/dx is first clamped elementwise to [-grad_clip, grad_clip] when ``spec.grad_clip`` is
+set (as JEM++ clips its inner steps' input gradient), and is not computed at all when
+``step_size`` is 0 (the chain is then noise alone).
+
 :func:`sgld_chain` is that loop. The backends run the same loop and differ only in the update
 they plug in or in how they run it: ``reference`` uses :func:`torch_update`; ``fused`` plugs in
 the Triton kernel (:mod:`.fused`); ``graph`` captures this loop with the kernel update in a CUDA
@@ -22,8 +26,8 @@ from torch import nn
 from ..interrupt import raise_if_stopped
 from .spec import ChainSpec
 
-# update(x, grad, step_size, noise_std, clamp) -> next x; may update x in place and return it
-UpdateFn = Callable[[torch.Tensor, torch.Tensor, float, float, bool], torch.Tensor]
+# update(x, grad, step_size, noise_std, clamp, grad_clip) -> next x; may update x in place and return it
+UpdateFn = Callable[[torch.Tensor, torch.Tensor, float, float, bool, "float | None"], torch.Tensor]
 
 
 class EnergyOf(nn.Module):
@@ -62,12 +66,14 @@ def energy_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None,
 
 
 def torch_update(x: torch.Tensor, grad: torch.Tensor, step_size: float | torch.Tensor,
-                 noise_std: float | torch.Tensor, clamp: bool = False,
+                 noise_std: float | torch.Tensor, clamp: bool = False, grad_clip: float | None = None,
                  noise: torch.Tensor | None = None) -> torch.Tensor:
     """One SGLD update out of place: ``x - step_size * grad + noise_std * noise``, clamped to
-    [-1, 1] if ``clamp`` (NaN stays NaN). ``noise`` (standard normal, x's shape) is drawn here
-    with ``torch.randn_like`` when None, unless ``noise_std`` is the number 0."""
-    x = x - step_size * grad.float()
+    [-1, 1] if ``clamp`` (NaN stays NaN), with ``grad`` clamped elementwise to
+    [-grad_clip, grad_clip] first if ``grad_clip`` is set. ``noise`` (standard normal, x's shape)
+    is drawn here with ``torch.randn_like`` when None, unless ``noise_std`` is the number 0."""
+    grad = grad.float() if grad_clip is None else grad.float().clamp(-grad_clip, grad_clip)
+    x = x - step_size * grad
     if noise is None and not (isinstance(noise_std, (int, float)) and noise_std == 0):
         noise = torch.randn_like(x)
     if noise is not None:
@@ -88,13 +94,17 @@ def sgld_chain(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, spec: 
     """
     for _ in range(spec.n_steps):
         raise_if_stopped()
-        if not (differentiable and x.requires_grad):
-            x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            energy = energy_of(model, x, y, spec.autocast_dtype, params, cache).sum()
-            (grad,) = torch.autograd.grad(energy, x, create_graph=differentiable)
+        if spec.step_size == 0:  # noise alone: the gradient would be multiplied by 0 (NaN included)
+            grad = torch.zeros_like(x)
+        else:
+            if not (differentiable and x.requires_grad):
+                x = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                energy = energy_of(model, x, y, spec.autocast_dtype, params, cache).sum()
+                (grad,) = torch.autograd.grad(energy, x, create_graph=differentiable)
         with torch.set_grad_enabled(differentiable):
-            x = update(x if differentiable else x.detach(), grad, spec.step_size, spec.noise_std, spec.clamp)
+            x = update(x if differentiable else x.detach(), grad, spec.step_size, spec.noise_std, spec.clamp,
+                       spec.grad_clip)
     return x
 
 
