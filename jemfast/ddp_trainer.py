@@ -126,6 +126,8 @@ def data_parallel(base: type) -> type:
                     raise
                 raise distributed.peer_lost(exc, f"last good checkpoint: {self.recovery.last_good}; "
                                                  f"continue with --resume") from None
+            finally:  # the DDP wrapper goes before the process group (distributed.session says why)
+                self.loss_model = self.model
 
         # ---- collective decisions ------------------------------------------------------
         def _reduce_flags(self, flags: torch.Tensor) -> int:

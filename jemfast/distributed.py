@@ -13,6 +13,7 @@ peer died (gloo sees its connection close at once; NCCL at the timeout) ends thi
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import re
@@ -130,6 +131,10 @@ def session(device_name: str) -> Iterator[None]:
         raise peer_lost(exc, "torchrun names the one that failed") from None
     finally:
         _control = None
+        # A DistributedDataParallel still alive here (kept by a reference cycle) would be freed
+        # during interpreter shutdown, where gloo's threads can abort the process ("terminate
+        # called without an active exception" on some runs): free it first.
+        gc.collect()
         dist.destroy_process_group()
 
 
