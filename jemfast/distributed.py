@@ -88,6 +88,9 @@ def session(device_name: str) -> Iterator[None]:
         logging.getLogger("jemfast").setLevel(logging.ERROR)
     try:
         yield
+        # every rank leaves together: a rank that tears down its connections while another is
+        # still running can make gloo abort that one ("terminate called ...", SIGABRT)
+        dist.barrier(group=_control)
     finally:
         _control = None
         dist.destroy_process_group()
