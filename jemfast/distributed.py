@@ -122,6 +122,7 @@ def session(device_name: str) -> Iterator[None]:
         logging.getLogger("jemfast").setLevel(logging.ERROR)
     try:
         yield
+        dist.barrier(group=_control)  # every rank leaves together (see the comment below)
     except (PeerLost, RuntimeError) as exc:
         if not isinstance(exc, PeerLost) and not lost_peer(exc):
             raise
@@ -131,9 +132,10 @@ def session(device_name: str) -> Iterator[None]:
         raise peer_lost(exc, "torchrun names the one that failed") from None
     finally:
         _control = None
-        # A DistributedDataParallel still alive here (kept by a reference cycle) would be freed
-        # during interpreter shutdown, where gloo's threads can abort the process ("terminate
-        # called without an active exception" on some runs): free it first.
+        # gloo can abort a process at exit ("terminate called without an active exception",
+        # SIGABRT) when it tears down its connections while a peer still runs, or when a
+        # DistributedDataParallel kept alive by a reference cycle is freed during interpreter
+        # shutdown: the ranks leave together (the barrier above) and such objects go first.
         gc.collect()
         dist.destroy_process_group()
 

@@ -44,35 +44,63 @@ def torchrun(args: list[str], timeout: float = 400, module: str = "jemfast.train
 
 
 def start_torchrun(args: list[str], log_dir: Path, module: str = "jemfast.train", **extra_env: str) -> subprocess.Popen:
-    """torchrun in its own session (:func:`end_group` cleans up after it), output to a pipe."""
+    """torchrun with its output to a pipe; :func:`end_group` cleans up after it."""
     return subprocess.Popen(torchrun_cmd(args, module, log_dir), cwd=REPO, env=env(**extra_env), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def end_group(proc: subprocess.Popen) -> None:
-    """SIGKILL whatever is left of ``proc``'s session (a test that failed half-way)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    """SIGKILL whatever is left of torchrun ``proc`` and its workers (a test that failed half-way)."""
+    workers = children(proc.pid)  # torchrun starts its workers in sessions of their own
+    for pid in [proc.pid, *workers]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.communicate()
+    wait_gone(workers)
+
+
+def children(pid: int) -> list[int]:
+    """The pids of ``pid``'s child processes (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
 
 
 def worker_pids(agent_pid: int) -> dict[int, int]:
     """``{RANK: pid}`` of the worker processes the torchrun agent ``agent_pid`` started."""
     ranks = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for pid in children(agent_pid):
         try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            if ppid != agent_pid:
-                continue
-            environ = (stat.parent / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):  # the process is gone
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:  # gone
             continue
         for item in environ:
             if item.startswith(b"RANK="):
-                ranks[int(item[5:])] = int(stat.parent.name)
+                ranks[int(item[5:])] = pid
     return ranks
+
+
+def wait_gone(pids: list[int], timeout: float = 60) -> None:
+    t0 = time.time()
+    while any(_state(pid) != "Z" for pid in pids):
+        assert time.time() - t0 < timeout, f"processes {pids} still alive"
+        time.sleep(0.1)
+
+
+def _state(pid: int) -> str:
+    """The process state letter of ``pid`` ("Z" also when it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
 
 
 def rank_output(log_dir: Path, rank: int) -> str:

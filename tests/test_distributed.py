@@ -16,7 +16,7 @@ import torch
 
 from jemfast.train import train
 from tests.conftest import REPO, tiny_digits_config
-from tests.ddp_helpers import PER_EPOCH, TINY, env, free_port, last, torchrun, torchrun_cmd, wait_for
+from tests.ddp_helpers import PER_EPOCH, TINY, children, env, free_port, last, torchrun, torchrun_cmd, wait_for, wait_gone
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +34,23 @@ def start_ranks(args: list[str], **extra: str) -> list[subprocess.Popen]:
 
 
 def test_two_ranks_train_one_model_and_resume_after_kill(tmp_path):
+    # kill -9 of the whole group after the first epoch's checkpoint (--epochs 300: a fast machine
+    # cannot finish before the kill), then --resume finishes the epoch it was in
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(torchrun_cmd(["--epochs", "300", "--out", str(killed)]), cwd=REPO, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for(killed / "checkpoints" / f"good-{PER_EPOCH:09d}.pt")
+    workers = children(proc.pid)  # torchrun starts its workers in sessions of their own
+    for pid in [proc.pid, *workers]:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    wait_gone(workers)
+    epochs = max(3, last(killed)["step"] // PER_EPOCH + 1)
+    r = torchrun(["--epochs", str(epochs), "--out", str(killed), "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+
     straight = tmp_path / "straight"
-    r = torchrun(["--epochs", "3", "--out", str(straight)])
+    r = torchrun(["--epochs", str(epochs), "--out", str(straight)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("test accuracy") == 1  # rank 0 reports for both
     ckpt = last(straight)
@@ -46,30 +61,21 @@ def test_two_ranks_train_one_model_and_resume_after_kill(tmp_path):
     assert not torch.equal(shard0, shard1)  # each rank ran its own chains
     summary = json.loads((straight / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch"] == 128
-    assert summary["iterations"] == 3 * PER_EPOCH
+    assert summary["iterations"] == epochs * PER_EPOCH
     lrs = {json.loads(line).get("lr") for line in (straight / "metrics.jsonl").read_text().splitlines()}
     assert lrs - {None} == {1e-3}  # the digits preset's --lr, not scaled by the world size
 
-    # one process with the same global batch learns about as well
-    single = train(tiny_digits_config(tmp_path / "single", optim__epochs=3, optim__batch_size=128,
-                                      sampler__n_steps=2, optim__warmup_iters=0, run__seed=3, run__device="cpu"))
-    assert single["iterations"] == summary["iterations"]
-    assert abs(single["test_acc"] - summary["test_acc"]) < 0.1, (single["test_acc"], summary["test_acc"])
-
-    # kill -9 of the whole group after the first epoch's checkpoint, then --resume finishes
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(torchrun_cmd(["--epochs", "3", "--out", str(killed)]), cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    wait_for(killed / "checkpoints" / f"good-{PER_EPOCH:09d}.pt")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    r = torchrun(["--epochs", "3", "--out", str(killed), "--resume"])
-    assert r.returncode == 0, r.stderr[-3000:]
     a, b = last(straight), last(killed)
-    assert a["step"] == b["step"] == 3 * PER_EPOCH
+    assert a["step"] == b["step"] == epochs * PER_EPOCH
     for k in a["model"]:  # same world size: the resumed run continues exactly
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert torch.equal(a["buffer"]["data"], b["buffer"]["data"])
+
+    # one process with the same global batch learns about as well
+    single = train(tiny_digits_config(tmp_path / "single", optim__epochs=epochs, optim__batch_size=128,
+                                      sampler__n_steps=2, optim__warmup_iters=0, run__seed=3, run__device="cpu"))
+    assert single["iterations"] == summary["iterations"]
+    assert abs(single["test_acc"] - summary["test_acc"]) < 0.1, (single["test_acc"], summary["test_acc"])
 
 
 def test_sigterm_one_checkpoint_every_rank_exits_143_then_resume(tmp_path):
