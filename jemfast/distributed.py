@@ -13,11 +13,13 @@ peer died (gloo sees its connection close at once; NCCL at the timeout) ends thi
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import logging
 import os
 import re
 import signal
+import sys
 import threading
 from datetime import timedelta
 from typing import Any, Callable, Iterator, TypeVar
@@ -28,6 +30,7 @@ import torch.distributed as dist
 from .errors import UserError, one_line
 
 T = TypeVar("T")
+PR_SET_PDEATHSIG = 1  # prctl option, <linux/prctl.h>
 _control: Any = None  # the gloo group of the control-plane collectives
 
 
@@ -104,6 +107,25 @@ def rank_device(name: str) -> torch.device:
     return torch.device("cuda", local)
 
 
+def stop_with_launcher() -> None:
+    """Under torchrun, ask Linux to send this worker SIGTERM when the launcher dies.
+
+    torchrun starts its workers in sessions of their own, so a ``kill -9`` of the torchrun
+    process (or of its process group) would leave them training on, unattended, holding the run
+    directory's lock. With the parent-death signal they stop as on any SIGTERM: one consistent
+    checkpoint, exit 143, and ``--resume`` continues. No-op outside torchrun or Linux.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def session(device_name: str) -> Iterator[None]:
     """Start the process groups when launched with ``WORLD_SIZE`` > 1 (else do nothing);
@@ -112,6 +134,7 @@ def session(device_name: str) -> Iterator[None]:
     if env_world_size() <= 1 or active():
         yield
         return
+    stop_with_launcher()
     timeout = timedelta(seconds=float(os.environ.get("JEMFAST_DIST_TIMEOUT", "600") or 600))
     use_nccl = device_name != "cpu" and torch.cuda.is_available()
     if use_nccl:

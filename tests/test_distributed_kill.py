@@ -8,7 +8,8 @@ import signal
 import pytest
 
 from jemfast.distributed import lost_peer, peer_lost
-from tests.ddp_helpers import PER_EPOCH, end_group, last, rank_output, start_torchrun, torchrun, wait_for, worker_pids
+from tests.ddp_helpers import (PER_EPOCH, end_group, last, rank_output, start_torchrun, torchrun, wait_for, wait_gone,
+                               worker_pids)
 
 NO_HANG_S = 180  # torchrun's agent SIGTERMs the others at once and SIGKILLs them 30 s later
 
@@ -55,3 +56,24 @@ def test_kill_9_of_one_rank_ends_the_run_then_resume_finishes(tmp_path):
     final = last(out)
     assert final["step"] == epochs * PER_EPOCH
     assert final["world"]["param_checksums"][0] == final["world"]["param_checksums"][1]
+
+
+@pytest.mark.slow
+def test_kill_9_of_torchrun_itself_stops_its_workers_with_a_checkpoint(tmp_path):
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    proc = start_torchrun(["--epochs", "300", "--out", str(out)], logs)
+    try:
+        wait_for(out / "checkpoints" / f"good-{PER_EPOCH:09d}.pt", proc=proc)
+        pids = worker_pids(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)  # the launcher only: its workers live in sessions of their own
+        proc.wait(timeout=60)
+        wait_gone(list(pids.values()), timeout=NO_HANG_S)  # they got SIGTERM as their parent died
+    finally:
+        end_group(proc)
+    assert "interrupted: checkpoint saved" in rank_output(logs, 0)
+    ckpt = last(out)
+    assert ckpt["step"] > PER_EPOCH and ckpt["world"]["param_checksums"][0] == ckpt["world"]["param_checksums"][1]
+    epochs = ckpt["step"] // PER_EPOCH + 1
+    r = torchrun(["--epochs", str(epochs), "--out", str(out), "--resume"])  # the lock went with them
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert last(out)["step"] == epochs * PER_EPOCH
