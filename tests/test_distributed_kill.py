@@ -2,8 +2,12 @@
 line, the last checkpoint is intact, and ``--resume`` under torchrun finishes the run."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -26,19 +30,26 @@ def test_a_failed_collective_is_one_line_and_a_bug_is_not_hidden():
     assert not lost_peer(ValueError("ProcessGroup"))
 
 
-@pytest.mark.slow
-def test_kill_9_of_one_rank_ends_the_run_then_resume_finishes(tmp_path):
-    out, logs = tmp_path / "run", tmp_path / "logs"
+@contextlib.contextmanager
+def past_first_epoch(out: Path, logs: Path) -> Iterator[tuple[subprocess.Popen, dict[int, int]]]:
+    """A 2-rank run (long enough never to finish here) once its first epoch's checkpoint exists:
+    ``(torchrun process, {rank: worker pid})``; whatever is left of it is killed afterwards."""
     proc = start_torchrun(["--epochs", "300", "--out", str(out)], logs)
     try:
         wait_for(out / "checkpoints" / f"good-{PER_EPOCH:09d}.pt", proc=proc)
-        pids = worker_pids(proc.pid)
+        yield proc, worker_pids(proc.pid)
+    finally:
+        end_group(proc)
+
+
+@pytest.mark.slow
+def test_kill_9_of_one_rank_ends_the_run_then_resume_finishes(tmp_path):
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    with past_first_epoch(out, logs) as (proc, pids):
         assert sorted(pids) == [0, 1], pids
         before = rank_output(logs, 0)
         os.kill(pids[1], signal.SIGKILL)
         agent_output, _ = proc.communicate(timeout=NO_HANG_S)
-    finally:
-        end_group(proc)
     assert proc.returncode != 0, agent_output[-3000:]
     assert "SIGKILL" in agent_output  # torchrun names the rank that died
     survivor = rank_output(logs, 0)
@@ -61,15 +72,10 @@ def test_kill_9_of_one_rank_ends_the_run_then_resume_finishes(tmp_path):
 @pytest.mark.slow
 def test_kill_9_of_torchrun_itself_stops_its_workers_with_a_checkpoint(tmp_path):
     out, logs = tmp_path / "run", tmp_path / "logs"
-    proc = start_torchrun(["--epochs", "300", "--out", str(out)], logs)
-    try:
-        wait_for(out / "checkpoints" / f"good-{PER_EPOCH:09d}.pt", proc=proc)
-        pids = worker_pids(proc.pid)
+    with past_first_epoch(out, logs) as (proc, pids):
         os.kill(proc.pid, signal.SIGKILL)  # the launcher only: its workers live in sessions of their own
         proc.wait(timeout=60)
         wait_gone(list(pids.values()), timeout=NO_HANG_S)  # they got SIGTERM as their parent died
-    finally:
-        end_group(proc)
     assert "interrupted: checkpoint saved" in rank_output(logs, 0)
     ckpt = last(out)
     assert ckpt["step"] > PER_EPOCH and ckpt["world"]["param_checksums"][0] == ckpt["world"]["param_checksums"][1]
