@@ -18,9 +18,10 @@ from torch import nn
 from .build import seed_all
 from .checkpoint import atomic_save
 from .config import Config, StabilityConfig, check_value
-from .errors import DivergenceExhausted, one_line
+from .errors import DivergenceExhausted
 from .log import get_logger
-from .stability import DivergenceMonitor, RecoveryAction, RecoveryState, clone_state, inject_divergence, restart
+from .stability import (DivergenceMonitor, RecoveryAction, RecoveryState, clone_state, gradient_norm, inject_divergence,
+                        read_older_good_state, restart)
 
 log = get_logger(__name__)
 FILE_FORMAT = 1  # of the guard-ITERATION.pt files and of Guard.state_dict()
@@ -121,7 +122,7 @@ class Guard:
         """
         dev = self.device
         metrics = {"loss": _scalar(loss, dev), "e_real": _scalar(e_real, dev), "e_fake": _scalar(e_fake, dev),
-                   "grad_norm": self._grad_norm() if grad_norm is None else _scalar(grad_norm, dev)}
+                   "grad_norm": gradient_norm(self.model, dev) if grad_norm is None else _scalar(grad_norm, dev)}
         self.monitor.observe(metrics, None if x_fake is None else x_fake.detach().to(dev))
         self.iteration += 1
         rolled_back = self.iteration % self.cfg.check_every == 0 and self.check()
@@ -216,12 +217,10 @@ class Guard:
     def _rollback_target(self, depth: int) -> dict[str, Any]:
         """The in-memory good state (depth 0), or the ``depth``-th older one in ``out``."""
         if depth > 0 and self.out is not None:
-            ring = self._ring()
-            for path in ring[depth:] or ring[-1:]:
-                try:
-                    return self._read(path)
-                except Exception as exc:  # noqa: BLE001 - a torn or foreign file: go further back
-                    log.warning(f"good state {path} is unusable ({one_line(str(exc), 120)}); rolling back further")
+            # any error: a torn or foreign file, go further back
+            state = read_older_good_state(self._ring(), depth, self._read, (Exception,))
+            if state is not None:
+                return state
         return self.recovery.snapshot
 
     def _reseed(self, seed: int) -> None:
@@ -242,10 +241,6 @@ class Guard:
         if isinstance(self.buffer, torch.Tensor):
             return self.buffer.detach()
         return None if self.buffer is None else self.buffer.state_dict()
-
-    def _grad_norm(self) -> torch.Tensor:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        return torch.nn.utils.get_total_norm(grads).to(self.device) if grads else torch.zeros((), device=self.device)
 
     def _ring(self) -> list[Path]:
         """The good-state files in ``out``, newest first."""

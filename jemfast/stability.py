@@ -37,14 +37,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 
 from .config import StabilityConfig
+from .errors import one_line
 from .log import get_logger
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 CAUSES = (
     "non-finite loss or energy",
@@ -247,6 +249,25 @@ def restart(rec: RecoveryState, base_seed: int, diverged_at: int, cause: str,
     log.warning(f"divergence at iteration {diverged_at} ({cause}); restart {action.restart}: "
                 f"rolled back to iteration {rolled_back_to}, {action.describe()}")
     return event
+
+
+def gradient_norm(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    """Device scalar: the global L2 norm of ``model``'s parameter gradients now (0 if none)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads).to(device) if grads else torch.zeros((), device=device)
+
+
+def read_older_good_state(ring: list[Path], depth: int, read: Callable[[Path], T],
+                          unusable: tuple[type[BaseException], ...]) -> T | None:
+    """The good state ``depth`` places back in ``ring`` (paths, newest first; the oldest when the
+    ring is shorter) that ``read`` accepts: a file it refuses with one of the ``unusable`` errors
+    is logged and the next older one tried. None when no file is left."""
+    for path in ring[depth:] or ring[-1:]:
+        try:
+            return read(path)
+        except unusable as exc:
+            log.warning(f"good state {path} is unusable ({one_line(str(exc), 200)}); rolling back further")
+    return None
 
 
 def clone_state(obj: Any, into: Any = None) -> Any:

@@ -25,6 +25,7 @@ from .data import Split
 from .energy import energy_from_logits
 from .modes import autocast, eval_mode, precision_dtype
 from .sgld import SGLD
+from .stability import gradient_norm
 
 
 def lr_at(o: OptimConfig, step: int, epoch: int, scale: float = 1.0) -> float:
@@ -183,8 +184,7 @@ def train_step(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, 
     metrics = terms(net, x, x_fake, y, w.p_y_given_x_weight, px_weight, cfg.run.precision, **extra)
     optimizer.zero_grad(set_to_none=True)
     metrics["loss"].backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    metrics["grad_norm"] = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=x.device)
+    metrics["grad_norm"] = gradient_norm(model, x.device)
     optimizer.step()
     return StepOutput({k: v.detach() for k, v in metrics.items()}, x_fake if x_fake is not None else x_fake_y)
 

@@ -35,7 +35,8 @@ from .resume import read_resume_checkpoint
 from .rundir import (drop_previous, mark_best, prepare_out, remove_stale_temp_files,
                      restore_previous, save_good_checkpoint, set_aside_previous, write_json)
 from .summary import existing_summary, run_summary, write_failure_summary
-from .stability import DivergenceMonitor, InjectDivergence, RecoveryAction, RecoveryState, recovery_action, restart
+from .stability import (DivergenceMonitor, InjectDivergence, RecoveryAction, RecoveryState, read_older_good_state,
+                        recovery_action, restart)
 from .step import accuracy, lr_at, set_lr, train_step
 from .threads import configure_threads
 
@@ -319,15 +320,13 @@ class Trainer:
 
     def _read_older_checkpoint(self, depth: int) -> dict[str, Any] | None:
         """The ``depth``-th older good checkpoint that reads and fits this run, or None."""
+        def read(path: Path) -> dict[str, Any]:
+            ckpt = read_checkpoint(path, map_location=self.device)
+            fits_run(ckpt, self.model, self.buffer, path, self.optimizer, buffer_rows=self.cfg.sampler.buffer_size)
+            return ckpt
+
         ring = sorted((self.out / "checkpoints").glob("good-*.pt"), reverse=True)
-        for path in ring[depth:] or ring[-1:]:
-            try:
-                ckpt = read_checkpoint(path, map_location=self.device)
-                fits_run(ckpt, self.model, self.buffer, path, self.optimizer, buffer_rows=self.cfg.sampler.buffer_size)
-                return ckpt
-            except UserError as exc:
-                log.warning(f"{exc}; rolling back further")
-        return None
+        return read_older_good_state(ring, depth, read, (UserError,))
 
     def _reseed(self, seed: int) -> None:
         """A restart's new seed: the run's seed from now on, in every RNG and kernel noise stream."""
