@@ -16,7 +16,9 @@ if not torch.cuda.is_available():
 
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
@@ -55,6 +57,23 @@ def stop_after(trainer, n: int) -> None:
             trainer.stop_signal = 15
 
     trainer.monitor.observe = observe
+
+
+def start_train(args: list[str], stderr: Any = subprocess.PIPE, env: dict | None = None) -> subprocess.Popen:
+    """``python -m jemfast.train ARGS`` started in the background (stdout piped, text mode);
+    ``env`` adds to this process's environment."""
+    return subprocess.Popen([sys.executable, "-m", "jemfast.train", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=stderr, text=True, env={**os.environ, **(env or {})})
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, poll: float = 0.02) -> bool:
+    """Poll ``pred`` until it is true (True) or ``timeout`` seconds have passed (False)."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return True
+        time.sleep(poll)
+    return False
 
 
 def run_module(args: list[str], cwd: Path, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:

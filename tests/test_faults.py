@@ -4,8 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,25 +12,18 @@ import torch
 from jemfast.checkpoint import read_checkpoint
 from jemfast.errors import UserError
 from jemfast.train import main, train
-from tests.conftest import REPO, tiny_digits_config
+from tests.conftest import start_train, tiny_digits_config, wait_until
 
 TINY = ["--dataset", "digits", "--hidden", "8", "--buffer-size", "100", "--sgld-steps", "2",
         "--no-progress", "--log-every", "1"]
 
 
 def start(out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "jemfast.train", *TINY, "--out", str(out), *extra],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+    return start_train([*TINY, "--out", str(out), *extra], env=env)
 
 
 def wait_for(pred, timeout=120.0):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
+    return wait_until(pred, timeout)
 
 
 def n_metric_lines(out: Path) -> int:

@@ -11,12 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from jemfast.checkpoint import read_checkpoint
 from jemfast.runlock import RunLock
 from jemfast.train import Trainer, main, train
-from tests.conftest import REPO, stop_after, tiny_digits_config
+from tests.conftest import REPO, start_train, stop_after, tiny_digits_config, wait_until
 
 TINY = ["--dataset", "digits", "--hidden", "8", "--buffer-size", "100", "--sgld-steps", "2", "--no-progress"]
 
@@ -112,7 +111,6 @@ def test_read_only_checkpoints_dir_fails_before_training(saved_run, tmp_path, ca
         subprocess.run(["mount", "-o", "remount,ro,bind", str(ck)], check=True)
         before = tree_hashes(out)
         for extra in (["--resume", "--epochs", "2"], ["--overwrite"]):
-            t0 = time.perf_counter()
             assert main([*TINY, "--epochs", "1", "--out", str(out), *extra]) == 2
             err = capsys.readouterr().err.strip().splitlines()
             assert len(err) == 1 and "not writable" in err[0], err
@@ -207,18 +205,11 @@ def test_restart_event_survives_kill_and_resume(tmp_path):
 
 
 def start(out: Path, *extra: str, log: Path | None = None, env: dict | None = None) -> subprocess.Popen:
-    err = open(log, "w") if log else subprocess.PIPE
-    return subprocess.Popen([sys.executable, "-m", "jemfast.train", *TINY, "--out", str(out), *extra],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, **(env or {})})
+    return start_train([*TINY, "--out", str(out), *extra], open(log, "w") if log else subprocess.PIPE, env)
 
 
 def wait_for(pred, timeout=300.0) -> bool:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
+    return wait_until(pred, timeout)
 
 
 @pytest.mark.slow
