@@ -21,9 +21,9 @@ _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if _os.path.isfile(_os.path.join(_root, "pyproject.toml")) and _os.path.isfile(_os.path.join(_root, "kernels", "__init__.py")):
     __path__.append(_root)  # type: ignore[name-defined]
 
-from .threads import prefer_passive_wait  # noqa: E402
+from .threads import prefer_bounded_spin  # noqa: E402
 
-prefer_passive_wait()  # before the first `import torch` below (jemfast.threads says why)
+prefer_bounded_spin()  # before the first `import torch` below (jemfast.threads says why)
 
 from .buffer import ReplayBuffer  # noqa: E402
 from .checkpoint import load_checkpoint  # noqa: E402

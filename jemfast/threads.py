@@ -3,12 +3,16 @@
 Two settings, both made once per process:
 
 - OpenMP wait policy. torch's CPU kernels run in libgomp parallel regions; between regions
-  idle threads spin-wait by default. When other processes want the same cores, the spinning
-  steals their time slices and every barrier waits for a thread that is not running.
-  ``OMP_WAIT_POLICY=PASSIVE`` makes waiting threads sleep instead. libgomp reads the variable
-  once, when torch is imported, so :func:`prefer_passive_wait` runs in ``jemfast/__init__``
-  (before jemfast imports torch) and only if the user has not set the variable; a program that
-  imported torch before jemfast keeps its own policy.
+  idle threads spin-wait, by default for 300,000 spins before they sleep. When other processes
+  want the same cores, that spinning steals their time slices and every barrier waits for a
+  thread that is not running (measured: 4-5x slower beside a second training). Sleeping at once
+  (``OMP_WAIT_POLICY=PASSIVE``) fixes that but costs ~1.5x on a quiet machine, where the threads
+  wake from a sleep every region. A short bounded spin, ``GOMP_SPINCOUNT=2000``, keeps the quiet
+  speed and is as gentle as PASSIVE beside other work (bench/test_quickstart_speed.py, table in
+  bench/RESULTS.md). libgomp reads these once, when torch is imported, so
+  :func:`prefer_bounded_spin` runs in ``jemfast/__init__`` (before jemfast imports torch) and
+  only if the user set neither variable; a program that imported torch before jemfast keeps its
+  own policy. Child processes (Ray Tune trials, torchrun workers) inherit the environment.
 - Thread count (``--threads N``; 0 = auto). Auto keeps torch's count (its default, or what
   ``OMP_NUM_THREADS`` or the program set) but never more than the CPUs this process may use:
   its CPU affinity, capped by a cgroup CPU quota (a container limited to 2 CPUs on a 64-core
@@ -28,10 +32,23 @@ from .log import get_logger, log_once
 log = get_logger(__name__)
 
 
-def prefer_passive_wait() -> None:
-    """Set ``OMP_WAIT_POLICY=PASSIVE`` unless the user chose a policy (effective only if torch
-    has not been imported yet in this process; child processes inherit it either way)."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+BOUNDED_SPIN = "2000"  # libgomp spins before an idle thread sleeps (its default: 300000)
+
+
+def prefer_bounded_spin() -> None:
+    """Set ``GOMP_SPINCOUNT=2000`` unless the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``
+    (effective only if torch has not been imported yet in this process; child processes inherit
+    it either way)."""
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = BOUNDED_SPIN
+
+
+def wait_policy() -> str:
+    """The OpenMP wait policy this process's environment asks for, as the start-up log names it."""
+    policy, spins = os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT")
+    if policy:
+        return f"OMP_WAIT_POLICY={policy}"
+    return f"GOMP_SPINCOUNT={spins}" if spins else "libgomp default (spin 300000)"
 
 
 def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
@@ -88,5 +105,5 @@ def configure_threads(requested: int) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     log_once(log, ("threads", n), f"CPU: {n} torch thread(s) ({'--threads' if requested > 0 else 'auto'}; "
              f"{available_cpus()} CPU(s) available, load {load:.1f}, "
-             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})")
+             f"OpenMP wait: {wait_policy()})")
     return n

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import os
 
-# jemfast sets a passive OpenMP wait policy when it is imported before torch (jemfast.threads);
-# test modules import torch first, so set it here too: spinning threads crawl on a shared CPU.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Importing jemfast before torch bounds OpenMP's spin-wait (jemfast.threads says why); test
+# modules import torch first, so import jemfast here, before any of them.
+import jemfast  # noqa: F401,E402
 
 import torch
 

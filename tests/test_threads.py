@@ -48,13 +48,13 @@ def test_threads_flag_must_not_be_negative():
         validate(cfg)
 
 
-def gomp_spin_count(code: str, policy: str | None) -> str | None:
+def gomp_spin_count(code: str, omp_env: dict[str, str]) -> str | None:
     """libgomp's effective spin count (GOMP_SPINCOUNT, printed by OMP_DISPLAY_ENV=VERBOSE when it
-    starts) in a fresh interpreter running ``code``; None where OpenMP is not libgomp."""
+    starts) in a fresh interpreter running ``code`` with ``omp_env`` set; None where OpenMP is not
+    libgomp."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env["OMP_DISPLAY_ENV"] = "VERBOSE"
-    if policy is not None:
-        env["OMP_WAIT_POLICY"] = policy
+    env.update(omp_env)
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -62,10 +62,20 @@ def gomp_spin_count(code: str, policy: str | None) -> str | None:
     return found.group(1) if found else None
 
 
-def test_importing_jemfast_first_makes_openmp_threads_sleep_instead_of_spinning():
-    spin_default = gomp_spin_count("import torch, jemfast", None)  # torch first: libgomp's default
+def test_importing_jemfast_first_bounds_the_openmp_spin_and_the_user_setting_wins():
+    spin_default = gomp_spin_count("import torch, jemfast", {})  # torch first: libgomp's default
     if spin_default is None:
         pytest.skip("torch's OpenMP runtime here is not libgomp (no GOMP_SPINCOUNT to read)")
-    assert int(spin_default) > 0
-    assert gomp_spin_count("import jemfast, torch", None) == "0"  # PASSIVE: no spinning
-    assert int(gomp_spin_count("import jemfast, torch", "ACTIVE")) > int(spin_default)  # the user's choice wins
+    assert int(spin_default) == 300000
+    assert gomp_spin_count("import jemfast, torch", {}) == threads.BOUNDED_SPIN
+    assert gomp_spin_count("import jemfast, torch", {"OMP_WAIT_POLICY": "PASSIVE"}) == "0"  # the user's choice wins
+    assert int(gomp_spin_count("import jemfast, torch", {"OMP_WAIT_POLICY": "ACTIVE"})) > 300000
+    assert gomp_spin_count("import jemfast, torch", {"GOMP_SPINCOUNT": "12345"}) == "12345"
+
+
+def test_the_start_up_line_names_the_wait_policy(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setenv("GOMP_SPINCOUNT", "2000")
+    assert threads.wait_policy() == "GOMP_SPINCOUNT=2000"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert threads.wait_policy() == "OMP_WAIT_POLICY=PASSIVE"
