@@ -19,7 +19,7 @@ from typing import Any, Mapping
 from .errors import one_line
 from .schema import Kind, check_field, check_fields, declared, label_of, option, show
 
-DATASETS = ("cifar10", "cifar100", "svhn", "digits", "toy2d")
+DATASETS = ("cifar10", "cifar100", "svhn", "digits", "digits32", "toy2d")
 MODELS = ("wrn", "cnn", "mlp")
 NORMS = ("none", "batch", "group", "layer")
 WRN_LAYOUTS = ("jemfast", "original")
@@ -47,7 +47,7 @@ def _not_empty(s: str) -> str | None:
 # keep absurd values (1e12 rows, 2**64 seeds) from reaching an allocator or an RNG.
 @dataclass
 class DataConfig:
-    dataset: str = option("cifar10", "--dataset", "dataset (digits and toy2d set their presets)", choices=DATASETS)
+    dataset: str = option("cifar10", "--dataset", "dataset (digits, digits32 and toy2d set their presets; digits32: the digits at 3x32x32)", choices=DATASETS)
     data_dir: str = option("./data", "--data-dir", "where torchvision datasets are downloaded", check=_not_empty)
     noise_std: float = option(0.03, "--data-noise", "std of N(0, s) added to training images (paper 0.03)",
                               lo=0.0, hi=10.0)
@@ -147,6 +147,10 @@ class StabilityConfig:
                                   "iterations seen (again after each restart) before --relative-z applies",
                                   lo=1, hi=100_000_000)
     good_ring: int = option(3, "--good-ring", "good checkpoints kept on disk", lo=1, hi=1000)
+    snapshot_ring: int = option(5, "--snapshot-ring",
+                                "good states kept in memory (the newest check's and older ones spaced more widely "
+                                "with age), so a rollback reaches back before a collapse that took a while to "
+                                "detect; each is a copy of model, optimizer and buffer", lo=1, hi=1000)
     inject_divergence: int = option(-1, "--inject-divergence",
                                     "TESTING AID: make the run diverge at this iteration (-1: never)", lo=-1)
 

@@ -114,6 +114,7 @@ def data_parallel(base: type) -> type:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.loss_model = DistributedDataParallel(self.model, device_ids=ids)  # broadcasts rank 0's weights
             self.monitor.reduce = self._reduce_flags
+            self.monitor.reduce_means = distributed.all_mean
             inject_rank = os.environ.get(INJECT_RANK_ENV)
             if inject_rank not in (None, "") and int(inject_rank) != self.rank:
                 self.hooks = [h for h in self.hooks if not isinstance(h, InjectDivergence)]
@@ -130,10 +131,9 @@ def data_parallel(base: type) -> type:
                 self.loss_model = self.model
 
         # ---- collective decisions ------------------------------------------------------
-        def _reduce_flags(self, flags: torch.Tensor) -> int:
-            """The OR of every rank's divergence flags (one host sync + one tiny all-reduce);
-            a signal pending on any rank becomes every rank's stop decision."""
-            value = int(flags.item())
+        def _reduce_flags(self, value: int) -> int:
+            """The OR of every rank's divergence flags (one tiny all-reduce); a signal pending on
+            any rank becomes every rank's stop decision."""
             bits = [(value >> i) & 1 for i in range(len(CAUSES))]
             *bits, signum = distributed.all_max(bits + [self.stop_signal or 0])
             if signum:
@@ -195,8 +195,8 @@ def data_parallel(base: type) -> type:
                 self.cfg.run.progress = False
             return ckpt, Path(path), lost
 
-        def _read_older_checkpoint(self, depth: int) -> dict[str, Any] | None:
-            return distributed.on_main(lambda: _to_cpu(super(DistributedTrainer, self)._read_older_checkpoint(depth)))
+        def _read_fitting_checkpoint(self, path: Path) -> dict[str, Any]:
+            return distributed.on_main(lambda: _to_cpu(super(DistributedTrainer, self)._read_fitting_checkpoint(path)))
 
         def finish(self, status: str) -> dict[str, Any]:
             if self.rank == 0:

@@ -184,6 +184,13 @@ def all_max(values: list[int]) -> list[int]:
     return t.tolist()
 
 
+def all_mean(values: list[float]) -> list[float]:
+    """Element-wise mean over the ranks of a short list of floats (a host sync)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_control)
+    return (t / world_size()).tolist()
+
+
 def agree(fn: Callable[[], T]) -> T:
     """Run ``fn`` on every rank, then make sure every rank succeeded: if any failed, rank 0
     raises the first failure as one line (naming the rank) and the others raise PeerFailed."""

@@ -20,8 +20,8 @@ from .checkpoint import atomic_save
 from .config import Config, StabilityConfig, check_value
 from .errors import DivergenceExhausted
 from .log import get_logger
-from .stability import (DivergenceMonitor, RecoveryAction, RecoveryState, clone_state, gradient_norm, inject_divergence,
-                        read_older_good_state, restart)
+from .stability import (DivergenceMonitor, RecoveryAction, RecoveryState, choose_target, clone_state, gradient_norm,
+                        inject_divergence, restart)
 
 log = get_logger(__name__)
 FILE_FORMAT = 1  # of the guard-ITERATION.pt files and of Guard.state_dict()
@@ -99,7 +99,7 @@ class Guard:
         self.base_n_steps = int(sampler.n_steps) if sampler is not None else 0
         self.device = _device_of(model, buffer)
         self.monitor = DivergenceMonitor(self.cfg, self.device)
-        self.recovery = RecoveryState()
+        self.recovery = RecoveryState(memory_ring=self.cfg.snapshot_ring)
         self.iteration = 0
         self.out = Path(out) if out is not None else None
         if self.out is not None:
@@ -133,7 +133,7 @@ class Guard:
     def check(self) -> bool:
         """Read the flags now (one host sync); True if that rolled back. Call it before saving
         your own checkpoint, so you never save a diverged state."""
-        cause = self.monitor.check()
+        cause = self.monitor.check(self.iteration)
         if cause is None:
             self.mark_good()
             return False
@@ -144,8 +144,8 @@ class Guard:
             raise DivergenceExhausted(
                 f"training diverged at iteration {self.iteration} ({cause}) after {len(rec.restarts)} restart(s); "
                 f"model, optimizer and buffer are back at the last good state (iteration {good}{where})")
-        restart(rec, self.seed, self.iteration, cause, self._roll_back, self._reseed, self.sampler,
-                self.base_n_steps, self._reset_buffer)
+        restart(rec, self.seed, self.iteration, cause, self.monitor.onset(), self._roll_back, self._reseed,
+                self.sampler, self.base_n_steps, self._reset_buffer)
         return True
 
     def mark_good(self) -> None:
@@ -154,7 +154,8 @@ class Guard:
         state = {"format": FILE_FORMAT, "iteration": self.iteration, "model": self.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "buffer": self._buffer_state()}
         path = self._write(state) if self.out is not None else None
-        self.recovery.checkpointed(state, path)
+        self.recovery.checkpointed(state, path, self.iteration)
+        self.monitor.mark_healthy(self.iteration)
 
     # ---- what the policy has done so far -----------------------------------------------------
     @property
@@ -192,8 +193,17 @@ class Guard:
         self.mark_good()
 
     # ---- rolling back --------------------------------------------------------------------------
-    def _roll_back(self, action: RecoveryAction) -> int:
-        return self._restore(self._rollback_target(self.recovery.depth), action.lr_factor)
+    def _roll_back(self, limit: int, action: RecoveryAction) -> int:
+        """Restore the newest good state at or before iteration ``limit`` (memory, or ``out``:
+        any error reading a file there, a torn or foreign one, goes further back)."""
+        ring = self._ring() if self.out is not None else []
+        step, state = choose_target(self.recovery.memory, ring, limit, self._read, (Exception,))
+        self._restore(state, action.lr_factor)
+        self.monitor.rewind(step)
+        for path in ring:  # the states after it belong to the abandoned run
+            if int(path.stem.rsplit("-", 1)[-1]) > step:
+                path.unlink(missing_ok=True)
+        return step
 
     def _restore(self, state: dict[str, Any], lr_factor: float) -> int:
         """Load ``state`` into the live objects; the optimizer's group settings stay live, the lr
@@ -213,15 +223,6 @@ class Guard:
         elif self.buffer is not None:
             self.buffer.load_state_dict(state["buffer"])
         return int(state["iteration"])
-
-    def _rollback_target(self, depth: int) -> dict[str, Any]:
-        """The in-memory good state (depth 0), or the ``depth``-th older one in ``out``."""
-        if depth > 0 and self.out is not None:
-            # any error: a torn or foreign file, go further back
-            state = read_older_good_state(self._ring(), depth, self._read, (Exception,))
-            if state is not None:
-                return state
-        return self.recovery.snapshot
 
     def _reseed(self, seed: int) -> None:
         seed_all(seed)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from . import distributed
+from .curves import save_curves
 from .plots import save_image_grid, save_toy2d_plot
 
 
@@ -44,3 +45,9 @@ def save_buffer_grid(trainer: Any, name: str) -> None:
     buffer = trainer.buffer
     rows = torch.linspace(0, buffer.capacity - 1, min(100, buffer.capacity)).long()
     save_samples(trainer, buffer.data[rows.to(buffer.device)], name)
+
+
+def save_training_curves(trainer: Any) -> None:
+    """OUT/curves.png from the metrics written so far (jemfast.curves)."""
+    if distributed.is_main():
+        save_curves(trainer.out / "metrics.jsonl", trainer.out / "curves.png")

@@ -35,12 +35,15 @@ good checkpoint intact.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import torch
 
+from .collapse import IntervalStats, accuracy_collapsed, gap_drifting
+from .collapse import onset as collapse_onset
 from .config import StabilityConfig
 from .errors import one_line
 from .log import get_logger
@@ -58,7 +61,11 @@ CAUSES = (
     "gradient norm too large",
     "energy gap jumped far above its recent range",
     "gradient norm jumped far above its recent range",
+    # judged on the host at a check, from the interval means (jemfast.collapse)
+    "energy gap drifting away (E(real) and E(fake) separating)",
+    "train accuracy fell to chance",
 )
+DRIFT_BIT, ACC_BIT = 1 << 9, 1 << 10
 # Floor of the robust scale of log(1 + v), so a near-constant history (MAD ~ 0) does not turn
 # noise into alarms: with relative_z = 8 the smallest flagged rise is 8 x 0.25 = 2 in log(1 + v),
 # i.e. 1 + v above e^2 = 7.4 times 1 + its recent median.
@@ -74,14 +81,24 @@ class DivergenceMonitor:
     no sync).
     """
 
-    def __init__(self, cfg: StabilityConfig, device: torch.device) -> None:
+    def __init__(self, cfg: StabilityConfig, device: torch.device, n_classes: int | None = None) -> None:
         self.cfg = cfg
+        self.n_classes = n_classes  # for "train accuracy fell to chance"; None: that test is off
         self.flags = torch.zeros((), dtype=torch.int64, device=device)
-        # under torchrun: ORs the flags of every rank (jemfast.ddp_trainer), so all roll back together
-        self.reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self._bits = 2 ** torch.arange(len(CAUSES), device=device)
+        # under torchrun: ORs the flags of every rank (jemfast.ddp_trainer), so all roll back together,
+        # and averages the interval means, so every rank dates a collapse alike
+        self.reduce: Callable[[int], int] | None = None
+        self.reduce_means: Callable[[list[float]], list[float]] | None = None
+        self._bits = 2 ** torch.arange(len(CAUSES) - 2, device=device)
         self.history = torch.zeros(2, cfg.relative_window, device=device)
         self.seen = 0
+        # sums over the current check interval: E(real) - E(fake), grad norm, train accuracy
+        self.interval = torch.zeros(3, device=device)
+        self.count = 0
+        self.observed = 0  # iterations observed in all, never rewound
+        self.has_acc = False
+        self.series: list[IntervalStats] = []  # one entry per passing check, on the host
+        self._states: dict[int, tuple[torch.Tensor, int, int]] = {}  # step -> (history, seen, len(series))
 
     def observe(self, metrics: dict[str, torch.Tensor], x_fake: torch.Tensor | None) -> None:
         """Record this iteration's failures from its device-scalar ``metrics`` (loss, e_real,
@@ -97,6 +114,12 @@ class DivergenceMonitor:
         else:
             samples_bad = too_big = torch.zeros((), dtype=torch.bool, device=loss.device)
         jumped = self._jumped(torch.stack([gap, grad_norm]).float().log1p())
+        acc = metrics.get("acc")
+        self.has_acc = acc is not None
+        self.interval += torch.stack([e_real - e_fake, grad_norm, acc if acc is not None else torch.zeros_like(loss)]
+                                     ).detach().float()
+        self.count += 1
+        self.observed += 1
         conds = torch.stack([
             ~torch.isfinite(energies).all(),
             ~torch.isfinite(grad_norm),
@@ -126,18 +149,74 @@ class DivergenceMonitor:
         self.seen += 1
         return jumped
 
-    def check(self) -> str | None:
-        """Read and clear the flags: ``None`` if healthy, else the causes joined by '; '.
+    def check(self, step: int | None = None) -> str | None:
+        """Read and clear the flags and the interval means (one host sync), at iteration ``step``
+        (default: the number of iterations observed): ``None`` if healthy, else the causes joined
+        by '; '.
 
-        A divergence also clears the history: the run is about to roll back (or stop), and the
-        diverged stretch is no baseline; relative tests resume after a new warm-up.
+        The interval means join :attr:`series`, where the collapse tests of :mod:`jemfast.collapse`
+        read them. A healthy check also records the monitor's state at ``step``, so that a
+        rollback to that step (:meth:`rewind`) judges the restarted run against the history it had
+        then: no new warm-up after a restart.
         """
-        value = int(self.flags.item() if self.reduce is None else self.reduce(self.flags))
+        step = self.observed if step is None else step
+        values = torch.cat([self.flags.double().view(1), self.interval.double()]).tolist()
+        value = int(values[0])
+        if self.count:
+            means = [v / self.count for v in values[1:]]
+            if self.reduce_means is not None:
+                means = self.reduce_means(means)
+            acc = means[2] if self.has_acc else math.nan
+            self.series.append(IntervalStats(step, means[0], means[1], acc))
+            if gap_drifting(self.series):
+                value |= DRIFT_BIT
+            if accuracy_collapsed(self.series, self.n_classes):
+                value |= ACC_BIT
+        if self.reduce is not None:
+            value = self.reduce(value)
         self.flags.zero_()
+        self.interval.zero_()
+        self.count = 0
         if value == 0:
+            self.mark_healthy(step)
             return None
-        self.seen = 0
         return "; ".join(c for i, c in enumerate(CAUSES) if value & (1 << i))
+
+    def mark_healthy(self, step: int) -> None:
+        """Record the monitor's state as that of a good state at iteration ``step``."""
+        self._states[step] = (self.history.clone(), self.seen, len(self.series))
+
+    def onset(self) -> int:
+        """The iteration the divergence just detected began at (:func:`jemfast.collapse.onset`);
+        when its growth reaches back past the intervals kept, the newest good state before them."""
+        began = collapse_onset(self.series)
+        if self.series and began < self.series[0].step:
+            return max((s for s in self._states if s < self.series[0].step), default=0)
+        return began
+
+    def rewind(self, step: int) -> None:
+        """The run rolled back to iteration ``step``: forget what came after it. The relative
+        tests' history becomes the one recorded at the newest healthy check at or before ``step``
+        (none: they warm up again); the states recorded after ``step`` are dropped."""
+        kept = [s for s in self._states if s <= step]
+        if kept:
+            history, self.seen, n = self._states[max(kept)]
+            self.history.copy_(history)
+            self.series = self.series[:n]
+        else:
+            self.history.zero_()
+            self.seen, self.series = 0, []
+        self._states = {s: v for s, v in self._states.items() if s <= step}
+        self.flags.zero_()
+        self.interval.zero_()
+        self.count = 0
+
+    def forget_before(self, step: int) -> None:
+        """No rollback can reach before ``step`` any more: drop the states recorded earlier
+        (the newest of them is kept, as the baseline of a rollback to ``step``)."""
+        older = [s for s in self._states if s <= step]
+        for s in sorted(older)[:-1]:
+            del self._states[s]
 
 
 @dataclass
@@ -149,6 +228,7 @@ class RecoveryAction:
     lr_factor: float = 1.0
     sgld_steps_factor: int = 1
     reset_buffer: bool = False
+    rewarm: bool = False  # the learning-rate warm-up starts again at the iteration rolled back to
 
     def describe(self) -> str:
         parts = [f"seed -> {self.new_seed}"]
@@ -158,6 +238,8 @@ class RecoveryAction:
             parts.append(f"sgld steps x{self.sgld_steps_factor}")
         if self.reset_buffer:
             parts.append("buffer re-initialised")
+        if self.rewarm:
+            parts.append("lr warm-up again")
         return ", ".join(parts)
 
 
@@ -175,39 +257,76 @@ def recovery_action(k: int, base_seed: int) -> RecoveryAction:
 
 
 @dataclass
+class GoodState:
+    """A rollback target: the state at iteration ``step``, in memory (``state``) or only on disk."""
+
+    step: int
+    state: dict[str, Any] | None = None
+    path: Path | None = None
+
+
+@dataclass
 class RecoveryState:
     """Everything the recovery policy remembers between iterations, in one place.
 
-    ``snapshot`` is an in-memory copy of the newest good checkpoint (what a rollback restores
-    first); ``last_good`` its file. ``saved_since_recovery`` is False from a rollback until the
-    next good checkpoint: a divergence in that window rolls back ``depth`` checkpoints further
-    in the on-disk ring. ``lr_scale`` and ``sgld_steps_factor`` are the cumulative effects of
-    all restarts so far (they persist across rollbacks and are saved in checkpoints).
+    ``memory`` holds up to ``memory_ring`` in-memory good states, newest first, spaced more
+    widely with age (:meth:`checkpointed`), so a rollback can reach back before a collapse that
+    took tens of iterations to be detected;
+    ``last_good`` is the newest good checkpoint file. ``last_target`` is the iteration of the last
+    rollback until a healthy check follows it: a divergence in that window must roll back further.
+    ``lr_scale`` and ``sgld_steps_factor`` are the cumulative effects of all restarts so far, and
+    ``warmup_from`` the iteration the last re-warm-up started at (they persist across rollbacks
+    and are saved in checkpoints).
     """
 
     restarts: list[dict[str, Any]] = field(default_factory=list)
     lr_scale: float = 1.0
     sgld_steps_factor: int = 1
-    snapshot: dict[str, Any] | None = None
+    warmup_from: int = 0
+    memory: list[GoodState] = field(default_factory=list)
+    memory_ring: int = 5
     last_good: Path | None = None
-    saved_since_recovery: bool = True
-    depth: int = 0
+    last_target: int | None = None
 
-    def checkpointed(self, state: dict[str, Any], path: Path | None) -> None:
-        """A good checkpoint ``state`` was written to ``path`` (None: kept in memory only): it
-        is the new rollback target (copied into the previous snapshot's tensors where they fit)."""
-        self.snapshot, self.last_good = clone_state(state, into=self.snapshot), path
-        self.saved_since_recovery = True
+    @property
+    def snapshot(self) -> dict[str, Any] | None:
+        """The newest good state in memory (None before the first)."""
+        return self.memory[0].state if self.memory else None
+
+    def checkpointed(self, state: dict[str, Any], path: Path | None, step: int) -> None:
+        """A good state ``state`` of iteration ``step`` was taken (and written to ``path``, or
+        kept in memory only: None). It becomes the newest rollback target. Past ``memory_ring``
+        states, the one whose removal leaves the smallest gap relative to its age goes (its
+        tensors are reused): the states kept thin out geometrically with age, dense just before
+        now and reaching back to the oldest."""
+        mem = self.memory
+        if mem and mem[0].step == step:  # the same state again (a check, then its checkpoint)
+            mem[0].state, mem[0].path = clone_state(state, into=mem[0].state), path or mem[0].path
+        else:
+            reuse = None
+            if len(mem) >= self.memory_ring:
+                if len(mem) < 3:
+                    k = len(mem) - 1
+                else:
+                    k = min(range(1, len(mem) - 1),
+                            key=lambda i: (mem[i - 1].step - mem[i + 1].step) / (step - mem[i].step))
+                reuse = mem.pop(k).state
+            mem.insert(0, GoodState(step, clone_state(state, into=reuse), path))
+        if path is not None:
+            self.last_good = path
+        self.last_target = None
 
     def exhausted(self, max_restarts: int) -> bool:
         """True when a divergence now must stop the run: restarts used up, or nothing to roll back to."""
-        return len(self.restarts) >= max_restarts or self.snapshot is None
+        return len(self.restarts) >= max_restarts or not self.memory
+
+    def target_limit(self, onset: int) -> int:
+        """The newest iteration a rollback may land on: the divergence's onset, and before the last
+        rollback's target if no healthy check has followed it (that state led here again)."""
+        return onset if self.last_target is None else min(onset, self.last_target - 1)
 
     def next_action(self, base_seed: int) -> RecoveryAction:
-        """The action of the next restart; moves one checkpoint further back if the last
-        rollback has not been followed by a good checkpoint yet."""
-        self.depth = 0 if self.saved_since_recovery else self.depth + 1
-        self.saved_since_recovery = False
+        """The action of the next restart."""
         return recovery_action(len(self.restarts) + 1, base_seed)
 
     def apply(self, action: RecoveryAction) -> None:
@@ -217,37 +336,68 @@ class RecoveryState:
 
     def state_dict(self) -> dict[str, Any]:
         return {"restarts": list(self.restarts), "lr_scale": self.lr_scale,
-                "sgld_steps_factor": self.sgld_steps_factor}
+                "sgld_steps_factor": self.sgld_steps_factor, "warmup_from": self.warmup_from}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.lr_scale = float(state["lr_scale"])
         self.sgld_steps_factor = int(state["sgld_steps_factor"])
+        self.warmup_from = int(state.get("warmup_from", 0))
 
 
-def restart(rec: RecoveryState, base_seed: int, diverged_at: int, cause: str,
-            roll_back: Callable[[RecoveryAction], int], reseed: Callable[[int], None],
+def choose_target(memory: list[GoodState], ring: list[Path], limit: int, read: Callable[[Path], T],
+                  unusable: tuple[type[BaseException], ...]) -> tuple[int, dict[str, Any] | T]:
+    """The newest good state at or before iteration ``limit``, from ``memory`` or the on-disk
+    ``ring`` (files named ``*-STEP.pt``), read with ``read``; a file it refuses with one of the
+    ``unusable`` errors is logged and the next older state tried. When none is that old, the
+    oldest kept (logged). Returns ``(step, state)``."""
+    candidates = [(g.step, 1, g.state, None) for g in memory if g.state is not None]
+    candidates += [(int(p.stem.rsplit("-", 1)[-1]), 0, None, p) for p in ring]
+    candidates.sort(key=lambda c: (c[0], c[1]), reverse=True)  # newest first; memory before disk
+    eligible = [c for c in candidates if c[0] <= limit]
+    if not eligible:
+        log.warning(f"no good state is kept from before iteration {limit}, where the divergence began; "
+                    f"rolling back to the oldest one kept")
+        eligible = candidates[::-1]
+    for step, _, state, path in eligible:
+        if state is not None:
+            return step, state
+        try:
+            return step, read(path)
+        except unusable as exc:
+            log.warning(f"good state {path} is unusable ({one_line(str(exc), 200)}); rolling back further")
+    raise LookupError("no usable good state to roll back to")
+
+
+def restart(rec: RecoveryState, base_seed: int, diverged_at: int, cause: str, onset: int,
+            roll_back: Callable[[int, RecoveryAction], int], reseed: Callable[[int], None],
             sampler: Any | None, base_n_steps: int, reset_buffer: Callable[[], None]) -> dict[str, Any]:
     """Carry out the next restart of the policy; returns its event (also appended to ``rec.restarts``).
 
-    ``roll_back(action)`` restores the state ``rec.depth`` good states back (the action's lr and
-    SGLD-step factors are already in ``rec``) and returns the iteration that state was taken at;
-    ``reseed(seed)`` reseeds every random stream of the run; the sampler then runs
-    ``base_n_steps`` x ``rec.sgld_steps_factor`` steps; ``reset_buffer()`` re-initialises the
-    replay buffer when the action says so. Logs one warning line.
+    ``onset`` is the iteration the divergence began at (:meth:`DivergenceMonitor.onset`);
+    ``roll_back(limit, action)`` restores the newest good state at or before iteration ``limit``
+    (:meth:`RecoveryState.target_limit`; the action's lr and SGLD-step factors are already in
+    ``rec``) and returns the iteration it was taken at; ``reseed(seed)`` reseeds every random
+    stream of the run; the sampler then runs ``base_n_steps`` x ``rec.sgld_steps_factor`` steps;
+    ``reset_buffer()`` re-initialises the replay buffer when the action says so. Logs one
+    warning line.
     """
     action = rec.next_action(base_seed)
     rec.apply(action)
-    rolled_back_to = roll_back(action)
+    rolled_back_to = roll_back(rec.target_limit(onset), action)
+    rec.memory = [g for g in rec.memory if g.step <= rolled_back_to]  # the rest is an abandoned future
+    rec.last_target = rolled_back_to
+    if action.rewarm:
+        rec.warmup_from = rolled_back_to
     reseed(action.new_seed)
     if sampler is not None:
         sampler.n_steps = base_n_steps * rec.sgld_steps_factor
     if action.reset_buffer:
         reset_buffer()
-    event = {"event": "restart", "restart": action.restart, "step": diverged_at, "rolled_back_to": rolled_back_to,
-             "cause": cause, "action": action.describe()}
+    event = {"event": "restart", "restart": action.restart, "step": diverged_at, "onset": onset,
+             "rolled_back_to": rolled_back_to, "cause": cause, "action": action.describe()}
     rec.restarts.append(event)
-    log.warning(f"divergence at iteration {diverged_at} ({cause}); restart {action.restart}: "
-                f"rolled back to iteration {rolled_back_to}, {action.describe()}")
+    log.warning(f"divergence at iteration {diverged_at} ({cause}; it began after iteration {onset}); "
+                f"restart {action.restart}: rolled back to iteration {rolled_back_to}, {action.describe()}")
     return event
 
 
@@ -255,19 +405,6 @@ def gradient_norm(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
     """Device scalar: the global L2 norm of ``model``'s parameter gradients now (0 if none)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     return torch.nn.utils.get_total_norm(grads).to(device) if grads else torch.zeros((), device=device)
-
-
-def read_older_good_state(ring: list[Path], depth: int, read: Callable[[Path], T],
-                          unusable: tuple[type[BaseException], ...]) -> T | None:
-    """The good state ``depth`` places back in ``ring`` (paths, newest first; the oldest when the
-    ring is shorter) that ``read`` accepts: a file it refuses with one of the ``unusable`` errors
-    is logged and the next older one tried. None when no file is left."""
-    for path in ring[depth:] or ring[-1:]:
-        try:
-            return read(path)
-        except unusable as exc:
-            log.warning(f"good state {path} is unusable ({one_line(str(exc), 200)}); rolling back further")
-    return None
 
 
 def clone_state(obj: Any, into: Any = None) -> Any:

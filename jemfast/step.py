@@ -28,14 +28,15 @@ from .sgld import SGLD
 from .stability import gradient_norm
 
 
-def lr_at(o: OptimConfig, step: int, epoch: int, scale: float = 1.0) -> float:
+def lr_at(o: OptimConfig, step: int, epoch: int, scale: float = 1.0, warmup_from: int = 0) -> float:
     """The learning rate of iteration ``step`` (0-based) in ``epoch`` (0-based).
 
-    1) linear warm-up from lr/warmup_iters to lr over the first ``warmup_iters`` iterations;
+    1) linear warm-up from lr/warmup_iters to lr over the ``warmup_iters`` iterations from
+       ``warmup_from`` (0; an automatic restart may start the warm-up again, jemfast.stability);
     2) times ``decay_rate`` for every decay epoch already reached;
-    3) times ``scale``, the cumulative factor of automatic restarts (jemfast.stability).
+    3) times ``scale``, the cumulative factor of automatic restarts.
     """
-    warm = min(1.0, (step + 1) / o.warmup_iters) if o.warmup_iters > 0 else 1.0
+    warm = min(1.0, (step - warmup_from + 1) / o.warmup_iters) if o.warmup_iters > 0 else 1.0
     return o.lr * warm * o.decay_rate ** sum(1 for e in o.decay_epochs if epoch >= e) * scale
 
 

@@ -29,13 +29,13 @@ from .errors import DivergenceExhausted, UserError
 from .init_dist import make_init_fn
 from .log import get_logger, progress_safe_logging, setup_cli_logging
 from .metrics import MetricsLog, MetricWindow
-from .outputs import log_metrics, save_buffer_grid, save_samples
+from .outputs import log_metrics, save_buffer_grid, save_samples, save_training_curves
 from .interrupt import StopRequested, stop_on_signals
 from .resume import read_resume_checkpoint
 from .rundir import (drop_previous, mark_best, prepare_out, remove_stale_temp_files,
                      restore_previous, save_good_checkpoint, set_aside_previous, write_json)
 from .summary import existing_summary, run_summary, write_failure_summary
-from .stability import (DivergenceMonitor, InjectDivergence, RecoveryAction, RecoveryState, read_older_good_state,
+from .stability import (DivergenceMonitor, InjectDivergence, RecoveryAction, RecoveryState, choose_target,
                         recovery_action, restart)
 from .step import accuracy, lr_at, set_lr, train_step
 from .threads import configure_threads
@@ -85,9 +85,9 @@ class Trainer:
                                    make_init_fn(cfg.sampler.init_dist, self.data.train, n_classes))
         self.sampler = build_sampler(cfg)
         self.sampler.chain_fn(self.device, self.model)  # an unusable --backend fails here, not mid-run
-        self.monitor = DivergenceMonitor(cfg.stability, self.device)
+        self.monitor = DivergenceMonitor(cfg.stability, self.device, n_classes)
         self.progress = Progress(seed=cfg.run.seed)
-        self.recovery = RecoveryState()
+        self.recovery = RecoveryState(memory_ring=cfg.stability.snapshot_ring)
         self.hooks = list(hooks)
         if cfg.stability.inject_divergence >= 0:
             self.hooks.append(InjectDivergence(cfg.stability.inject_divergence))
@@ -188,7 +188,7 @@ class Trainer:
         cfg, p = self.cfg, self.progress
         for hook in self.hooks:
             hook(self)
-        self.lr = lr_at(cfg.optim, p.step, p.epoch, self.recovery.lr_scale)
+        self.lr = lr_at(cfg.optim, p.step, p.epoch, self.recovery.lr_scale, self.recovery.warmup_from)
         set_lr(self.optimizer, self.lr)
         x_px = None
         if self.data.labelled is not None:  # semi-supervised: (x, y) feeds p(x) only, labels unused
@@ -208,9 +208,10 @@ class Trainer:
         returns a divergence cause, or None."""
         r, step = self.cfg.run, self.progress.step
         if step % self.cfg.stability.check_every == 0:
-            cause = self.monitor.check()
+            cause = self.monitor.check(step)
             if cause:
                 return cause
+            self.recovery.checkpointed(self.state(), None, step)  # a good state in memory
         if step % r.log_every == 0:
             log_metrics(self)
         if step % r.sample_every == 0 and x_fake is not None:
@@ -237,6 +238,7 @@ class Trainer:
             mark_best(self.recovery.last_good, self.out)
         save_buffer_grid(self, f"epoch_{p.epoch:04d}.png")
         self.metrics.write(record)
+        save_training_curves(self)
         if self.report is not None:
             self.report({**record, "valid_acc": self.valid_acc, "restarts": len(self.recovery.restarts),
                          "checkpoint": str(self.out / "checkpoints" / "last.pt"), "done": is_last})
@@ -251,12 +253,12 @@ class Trainer:
     def save_checkpoint(self) -> str | None:
         """Check for divergence first: returns its cause and saves nothing, or saves a good
         checkpoint (the new rollback target) and returns None."""
-        cause = self.monitor.check()
+        cause = self.monitor.check(self.progress.step)
         if cause:
             return cause
         state = self.state()
         path = self._write_checkpoint(state)  # OSError: see run()
-        self.recovery.checkpointed(state, path)
+        self.recovery.checkpointed(state, path, self.progress.step)
         return None
 
     def _write_checkpoint(self, state: dict[str, Any]) -> Path:
@@ -270,7 +272,7 @@ class Trainer:
         restore_training_state(ckpt, self.model, self.optimizer, self.buffer, self.sampler, self.progress,
                                self.recovery, source=path)
         apply_optimizer_settings(self.cfg, self.optimizer)
-        self.recovery.checkpointed(ckpt, path)
+        self.recovery.checkpointed(ckpt, path, self.progress.step)
         self._reapply_lost_restarts(lost)
         self.sampler.n_steps = self.cfg.sampler.n_steps * self.recovery.sgld_steps_factor
         log.info(f"resuming from {path} (epoch {self.progress.epoch}, iteration {self.progress.step})")
@@ -283,6 +285,8 @@ class Trainer:
         for event in lost:
             action = recovery_action(int(event["restart"]), self.cfg.run.seed)
             rec.apply(action)
+            if action.rewarm:
+                rec.warmup_from = int(event.get("rolled_back_to", rec.warmup_from))
             self._reseed(action.new_seed)
             if action.reset_buffer:
                 self.buffer.reset()
@@ -290,8 +294,9 @@ class Trainer:
             log.warning(f"re-applying restart {action.restart} (logged after the checkpoint): {action.describe()}")
 
     def recover(self, cause: str) -> None:
-        """Roll back and restart with the next action of the recovery policy (jemfast.stability),
-        or stop with :class:`DivergenceExhausted` when the restarts are used up."""
+        """Roll back to a good state from before the divergence began and restart with the next
+        action of the recovery policy (jemfast.stability), or stop with
+        :class:`DivergenceExhausted` when the restarts are used up."""
         rec, p = self.recovery, self.progress
         if rec.exhausted(self.cfg.stability.max_restarts):
             self.metrics.write({"event": "diverged", "step": p.step, "cause": cause, "restarts": len(rec.restarts)})
@@ -299,34 +304,37 @@ class Trainer:
             raise DivergenceExhausted(
                 f"training diverged at iteration {p.step} ({cause}) after "
                 f"{len(rec.restarts)} restart(s); last good checkpoint: {rec.last_good}")
-        self.metrics.write(restart(rec, self.cfg.run.seed, p.step, cause, self._roll_back, self._reseed,
-                                   self.sampler, self.cfg.sampler.n_steps, self.buffer.reset))
+        event = restart(rec, self.cfg.run.seed, p.step, cause, self.monitor.onset(), self._roll_back, self._reseed,
+                        self.sampler, self.cfg.sampler.n_steps, self.buffer.reset)
+        self.save_checkpoint()  # the restarted state: what --resume continues if the process dies now
+        self.metrics.write(event)
         self.bar.n = p.step
 
-    def _roll_back(self, action: RecoveryAction) -> int:
-        """Restore the good state ``recovery.depth`` checkpoints back (the RNG streams are reseeded
-        after, the recovery state is kept); returns its iteration."""
-        restore_training_state(self._rollback_target(self.recovery.depth), self.model, self.optimizer, self.buffer,
-                               self.sampler, self.progress, recovery=None, restore_rng=False)
+    def _roll_back(self, limit: int, action: RecoveryAction) -> int:
+        """Restore the newest good state at or before iteration ``limit`` (the RNG streams are
+        reseeded after, the recovery state is kept); the good checkpoints after it on disk belong
+        to the abandoned run and are removed. Returns its iteration."""
+        ring = sorted((self.out / "checkpoints").glob("good-*.pt"))
+        step, state = choose_target(self.recovery.memory, ring, limit, self._read_good_checkpoint, (UserError,))
+        restore_training_state(state, self.model, self.optimizer, self.buffer, self.sampler, self.progress,
+                               recovery=None, restore_rng=False)
         apply_optimizer_settings(self.cfg, self.optimizer)  # the target may predate a resume that changed them
-        return self.progress.step
+        self.monitor.rewind(step)
+        if distributed.is_main():
+            for path in ring:
+                if int(path.stem.rsplit("-", 1)[-1]) > step:
+                    path.unlink(missing_ok=True)
+        return step
 
-    def _rollback_target(self, depth: int) -> dict[str, Any]:
-        """The in-memory snapshot (depth 0) or the ``depth``-th older good checkpoint on disk."""
-        ckpt = self._read_older_checkpoint(depth) if depth > 0 else None
-        if ckpt is None:
-            return self.recovery.snapshot
+    def _read_good_checkpoint(self, path: Path) -> dict[str, Any]:
+        """A good checkpoint of this run's ring, read, checked to fit, and cut to this rank's shard."""
+        ckpt = self._read_fitting_checkpoint(path)
         return shards.for_rank(ckpt, distributed.rank(), distributed.world_size(), self.buffer.capacity)
 
-    def _read_older_checkpoint(self, depth: int) -> dict[str, Any] | None:
-        """The ``depth``-th older good checkpoint that reads and fits this run, or None."""
-        def read(path: Path) -> dict[str, Any]:
-            ckpt = read_checkpoint(path, map_location=self.device)
-            fits_run(ckpt, self.model, self.buffer, path, self.optimizer, buffer_rows=self.cfg.sampler.buffer_size)
-            return ckpt
-
-        ring = sorted((self.out / "checkpoints").glob("good-*.pt"), reverse=True)
-        return read_older_good_state(ring, depth, read, (UserError,))
+    def _read_fitting_checkpoint(self, path: Path) -> dict[str, Any]:  # jemfast.ddp_trainer: rank 0 reads
+        ckpt = read_checkpoint(path, map_location=self.device)
+        fits_run(ckpt, self.model, self.buffer, path, self.optimizer, buffer_rows=self.cfg.sampler.buffer_size)
+        return ckpt
 
     def _reseed(self, seed: int) -> None:
         """A restart's new seed: the run's seed from now on, in every RNG and kernel noise stream."""
@@ -358,6 +366,7 @@ class Trainer:
         write_json(summary, self.out / "summary.json")
         if finished:
             self.metrics.write({"event": "finished", "step": self.progress.step, "test_acc": test_acc})
+        save_training_curves(self)
         return summary
 
 

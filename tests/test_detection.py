@@ -83,20 +83,27 @@ def test_warmup_window_and_off_switch():
     assert run(100, relative_z=0.0) is None
 
 
-def test_a_divergence_clears_the_history():
-    """After a reported divergence the run rolls back; the monitor starts a new warm-up rather
-    than judge the restarted run against the stretch that diverged."""
+def test_after_a_rollback_the_relative_tests_stay_awake_with_the_history_of_the_target():
+    """A rollback (``rewind``) restores the history recorded at the good state it lands on: the
+    restarted run is judged at once against its pre-divergence level, with no new warm-up."""
     mon = DivergenceMonitor(StabilityConfig(), torch.device("cpu"))
-    for _ in range(60):
+    for i in range(60):
         feed(mon, 0.5, 1.0)
+        if i % 10 == 9:
+            assert mon.check(i + 1) is None
     for _ in range(10):
         feed(mon, 500.0, 1.0)
-    assert mon.check() == f"energy gap {JUMP}"
-    for _ in range(49):
-        feed(mon, 50.0, 1.0)  # a new level after the restart: warm-up, no alarm
-    assert mon.check() is None
-    feed(mon, 50.0, 1.0)
-    assert mon.check() is None  # and judged against the new level, not the old one
+    assert mon.check(70) == f"energy gap {JUMP}"
+    mon.rewind(60)
+    feed(mon, 50.0, 1.0)  # the first iteration after the restart, at the level that diverged
+    assert mon.check(61) == f"energy gap {JUMP}"
+    mon.rewind(60)
+    for i in range(10):
+        feed(mon, 0.5, 1.0)  # healthy again: no alarm
+    assert mon.check(70) is None
+    mon.rewind(0)  # before any recorded healthy check: nothing to judge against, a new warm-up
+    feed(mon, 500.0, 1.0)
+    assert mon.check(1) is None and mon.seen == 1
 
 
 def test_config_rejects_bad_relative_settings():

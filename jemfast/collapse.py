@@ -1,0 +1,87 @@
+"""How a natural JEM divergence shows in the per-check means, and when it began.
+
+Measured on the natural-divergence benchmark (``python -m jemfast.natural_divergence``: a
+Wide-ResNet without normalisation on 3x32x32 digits; README "Natural divergence"): the collapse
+is the model pushing E(real) down while the SGLD chains cannot follow, so the energy gap
+``E(real) - E(fake)`` keeps one sign and its magnitude grows by a large factor every check
+interval (x3 to x100 per 10 iterations), the gradient norm with it; the absolute limits are met
+only tens of iterations later, when the run is long lost. A healthy run's gap wanders around a
+level with both signs. So, on the means over each check interval (:class:`IntervalStats`):
+
+- **gap drift**: the last :data:`DRIFT_STEPS` intervals each grew ``|gap|`` by at least
+  :data:`DRIFT_GROWTH` with the same sign, and ``|gap|`` is now above :data:`DRIFT_FLOOR` nats;
+- **accuracy collapse**: train accuracy once reached :data:`LEARNED_ACC` (and 3x chance) and
+  has fallen to at most 1.5x chance in the last two intervals.
+
+:func:`onset` dates the collapse: the start of the run of intervals, ending at the detection, in
+which ``|gap|`` (above :data:`ONSET_GAP_FLOOR`) or the gradient norm kept growing, each interval
+by more than :data:`ONSET_GROWTH` (a non-finite value counts as growth). A
+rollback target counts as good only if it was taken at or before that step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+DRIFT_STEPS = 2
+DRIFT_GROWTH = 2.0
+DRIFT_FLOOR = 1.0  # nats
+ONSET_GROWTH = 2.0  # per check interval: healthy learning does not double the gap or grad norm that fast
+ONSET_GAP_FLOOR = 0.05  # nats: a gap wandering near 0 doubles by chance
+LEARNED_ACC = 0.5
+
+
+@dataclass(frozen=True)
+class IntervalStats:
+    """Means over one check interval ending at iteration ``step`` (``acc`` NaN when not logged)."""
+
+    step: int
+    gap: float  # E(real) - E(fake), nats
+    grad_norm: float
+    acc: float = math.nan
+
+
+def gap_drifting(series: list[IntervalStats]) -> bool:
+    """True when ``|gap|`` grew by :data:`DRIFT_GROWTH` in each of the last :data:`DRIFT_STEPS`
+    intervals, kept its sign, and is above :data:`DRIFT_FLOOR`."""
+    if len(series) < DRIFT_STEPS + 1:
+        return False
+    gaps = [s.gap for s in series[-(DRIFT_STEPS + 1):]]
+    if not all(math.isfinite(g) for g in gaps) or abs(gaps[-1]) < DRIFT_FLOOR:
+        return False
+    same_sign = all(g > 0 for g in gaps[1:]) or all(g < 0 for g in gaps[1:])
+    return same_sign and all(abs(b) >= DRIFT_GROWTH * abs(a) for a, b in zip(gaps, gaps[1:]))
+
+
+def accuracy_collapsed(series: list[IntervalStats], n_classes: int | None) -> bool:
+    """True when train accuracy had been learned (at least :data:`LEARNED_ACC` and 3x chance)
+    and the last two intervals are at most 1.5x chance."""
+    if not n_classes or len(series) < 3:
+        return False
+    chance = 1.0 / n_classes
+    accs = [s.acc for s in series if math.isfinite(s.acc)]
+    if len(accs) < 3 or max(accs[:-2]) < max(LEARNED_ACC, 3 * chance):
+        return False
+    return all(a <= 1.5 * chance for a in accs[-2:])
+
+
+def onset(series: list[IntervalStats]) -> int:
+    """The iteration the collapse detected in the last interval of ``series`` began at: the end
+    of the last interval before the run of growing intervals that leads up to the detection (the
+    detecting interval is in the run whatever its values: a NaN loss need not show in the gap).
+    -1 when the run reaches back to the first interval kept, or there is no interval before it.
+    Whichever of the two signals grew first dates the collapse."""
+    starts = []
+    for value, floor in ((lambda s: abs(s.gap), ONSET_GAP_FLOOR), (lambda s: s.grad_norm, 0.0)):
+        j = len(series) - 2  # the interval before the detecting one
+        while j >= 1 and _grew(value(series[j - 1]), value(series[j]), floor):
+            j -= 1
+        starts.append(j if j >= 1 or len(series) == 2 else -1)
+    first = min(starts)
+    return series[first].step if first >= 0 else -1
+
+
+def _grew(before: float, after: float, floor: float) -> bool:
+    if not math.isfinite(after):
+        return True
+    return math.isfinite(before) and after > max(ONSET_GROWTH * before, floor)
