@@ -69,7 +69,7 @@ def test_an_empty_original_buffer_loads(tmp_path, caplog):
     with caplog.at_level("INFO"):
         ck = load_any_checkpoint(path, "cpu", {"data.dataset": "digits", "model.hidden": 8})
     assert ck["buffer"].capacity == 2000  # the digits preset's fresh buffer
-    assert "holds no replay buffer" in caplog.text
+    assert "it holds no replay buffer" in caplog.text
 
 
 def test_wrong_or_missing_flags_and_foreign_files_fail_in_one_line(original, tmp_path, capsys):

@@ -69,8 +69,8 @@ def _load_original(original: dict[str, Any], path: str | Path, device: torch.dev
     model, buffer = build()
     model.eval()
     rows = len(original["replay_buffer"])
-    log.info(f"{path}: an original JEM checkpoint, read as {keymap.describe(cfg)} on {cfg.data.dataset}"
-             + (f", buffer of {rows} rows" if rows else "; it holds no replay buffer (the buffer shown is "
-                f"fresh U(-1, 1) noise)"))
+    held = f"buffer of {rows} rows" if rows else "no replay buffer (the buffer shown is fresh U(-1, 1) noise)"
+    log.info(f"{path}: an original JEM checkpoint, read as {keymap.describe(cfg)} on {cfg.data.dataset}; "
+             f"it holds {held}")
     return {"model": model, "buffer": buffer, "config": cfg, "step": None, "epoch": None, "raw": original,
             "format": "original", "added": added}

@@ -104,7 +104,8 @@ def pcd_step(args: Namespace, device: torch.device, sampler: SGLD, density: LogD
              replay_buffer: Buffer, y: torch.Tensor | None, n_steps: int, n_classes: int | None,
              declared: Shape | None, init_fn: InitFn | None, where: str, source: str) -> torch.Tensor:
     """The module docstring's steps 1-4; returns ``Tensor[bs, *shape]`` of samples on ``device``
-    (bs: ``args.batch_size``, or ``y.size(0)``). Every check runs before any random number."""
+    (bs: ``args.batch_size``, or ``y.size(0)``). The shape checks run before any random number is
+    drawn, except that of ``init_fn``'s rows, checked as they are drawn; all before any SGLD step."""
     shape = chain_shape(replay_buffer, declared, where)
     if shape is None and init_fn is None:
         raise unknown_shape_error(where)
