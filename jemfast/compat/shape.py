@@ -21,8 +21,9 @@ from typing import Any, Sequence
 import torch
 
 Shape = tuple[int, ...]
-HOW_TO_SAY = ("pass shape=(n_ch, im_sz, im_sz) to jemfast.compat (e.g. shape=(1, 28, 28)), "
-              "or set args.n_ch and args.im_sz, or pass the script's own init_random as init_fn")
+HOW_TO_SAY = ("pass shape=(n_ch, im_sz, im_sz) to jemfast.compat.get_sample_q (or get_eval_sample_q), "
+              "e.g. shape=(1, 28, 28), or set args.n_ch and args.im_sz, or pass the script's own "
+              "init_random as init_fn")
 
 
 def _show(shape: Sequence[int]) -> str:
