@@ -75,6 +75,16 @@ def run_both(ex, args, image, buffer_kind, y, **compat_kw):
     return xa, buf_a, xb, buf_b
 
 
+def assert_buffers_agree(buf_b, buf_a, xb, xa, atol=2e-5):
+    """The buffers agree row by row, except that a row drawn twice in a batch may hold either
+    of its two chains (which write wins is unspecified, in the original as here)."""
+    differ = ((buf_b - buf_a).flatten(1).abs().amax(1) > atol).nonzero().flatten()
+    for i in differ.tolist():
+        assert (xb - buf_b[i]).flatten(1).abs().amax(1).min() <= atol, f"row {i} holds no chain of this batch"
+        assert (xa - buf_a[i]).flatten(1).abs().amax(1).min() <= atol, f"row {i} holds no chain of this batch"
+    assert len(differ) <= len(xb) // 2
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("uncond", [True, False], ids=["uncond", "cond"])
 def test_every_shape_matches_the_original(original, shape, uncond):
@@ -87,7 +97,7 @@ def test_every_shape_matches_the_original(original, shape, uncond):
         assert xb.shape == (4, *shape), (buffer_kind, kw)
         torch.testing.assert_close(xb, xa, rtol=0, atol=2e-5)
         if buffer_kind == "tensor":
-            torch.testing.assert_close(buf_b, buf_a, rtol=0, atol=2e-5)
+            assert_buffers_agree(buf_b, buf_a, xb, xa)
         else:
             assert len(buf_b) == 0
     assert not hasattr(args, "n_ch") and not hasattr(args, "im_sz")  # the args said nothing
