@@ -8,8 +8,15 @@ replacing one line::
     sample_q = jemfast.compat.get_sample_q(args, device)     # was: get_sample_q(args, device)
 
 Everything else stays: ``sample_q(f, replay_buffer, y=None, n_steps=args.n_steps)`` keeps the
-original's semantics and random-number order (:mod:`.sampling`), and the buffer stays a plain
-tensor that the script's own ``checkpoint()`` saves.
+original's semantics and random-number order (:mod:`.sampling`, the step itself :mod:`.pcd`),
+and the buffer stays a plain tensor that the script's own ``checkpoint()`` saves. Images of any
+shape: a tensor buffer says it; for an empty buffer ``[]`` pass ``shape=(n_ch, im_sz, im_sz)``
+or the script's own ``init_random`` as ``init_fn`` (:mod:`.shape`).
+
+The original evaluation script (``eval_wrn_ebm.py``) swaps in the same way
+(:mod:`.eval_script`): ``sample_q = jemfast.compat.eval_sample_q`` after its ``def sample_q``,
+and ``sample = jemfast.compat.eval_refine(f, args)`` after the ``def sample`` of ``test_clf``
+and ``logp_hist``.
 
 The fast path:
 
@@ -26,8 +33,11 @@ Checkpoints (:mod:`.original_format`): :func:`read_original` / :func:`write_orig
 write the original format (weights-only loading, validated). Conversion (:mod:`.convert`,
 ``python -m jemfast.compat convert``) turns an original checkpoint into a jemfast run that
 ``python -m jemfast.train --resume`` continues, and a jemfast checkpoint back into the original
-format; model keys are mapped by :mod:`.keymap`.
+format; model keys are mapped by :mod:`.keymap`. ``python -m jemfast.eval --checkpoint
+ORIGINAL.pt [model flags]`` evaluates an original checkpoint directly (:mod:`.loading`).
 """
-from .sampling import BACKEND_ENV, get_sample_q, init_random
+from .eval_script import eval_refine, eval_sample_q, get_eval_sample_q
+from .pcd import BACKEND_ENV
+from .sampling import get_sample_q, init_random
 
-__all__ = ["BACKEND_ENV", "get_sample_q", "init_random"]
+__all__ = ["BACKEND_ENV", "eval_refine", "eval_sample_q", "get_eval_sample_q", "get_sample_q", "init_random"]

@@ -14,11 +14,12 @@ from pathlib import Path
 
 from ..cli import OneLineParser, run_cli
 from ..checkpoint import load_weights_only
-from ..config import FLAGS_BY_KEY, Config
+from ..config import Config
 from ..errors import UserError
 from ..log import setup_cli_logging
 from ..schema import add_flags, given_values, to_argv
 from .convert import original_to_run, run_to_original
+from .loading import refuse_flags
 from .original_format import is_jemfast_checkpoint, parse_original
 
 PROG = "python -m jemfast.compat"
@@ -45,10 +46,7 @@ def convert(argv: list[str]) -> int:
     obj, file_bytes = load_weights_only(args.src)
     if is_jemfast_checkpoint(obj):
         del obj
-        extra = sorted(FLAGS_BY_KEY[k] for k in overrides if k != "run.out")
-        if extra:
-            raise UserError(f"convert: {', '.join(extra)} apply only to an original checkpoint becoming a run; "
-                            f"{args.src} is a jemfast checkpoint (its own config is used)")
+        refuse_flags(overrides, args.src, "becoming a run")
         dest = Path(overrides["run.out"])
         if dest.is_dir():
             raise UserError(f"--out {dest} is a directory; give the original-format file to write")

@@ -68,24 +68,40 @@ def run_config(original: Mapping[str, Any], overrides: Mapping[str, Any]) -> tup
     return cfg, shape, n_classes, added
 
 
+def original_model(original: Mapping[str, Any], overrides: Mapping[str, Any],
+                   device: torch.device = _CPU) -> tuple[Config, tuple[int, ...], int, dict[str, Any], Any]:
+    """Check the original checkpoint ``original`` against the train flags ``overrides`` and map
+    its keys (:func:`run_config`, :func:`.keymap.to_jemfast`); returns ``(config, input shape,
+    classes, added, build)``, ``build()`` making ``(JEM model, ReplayBuffer)`` on ``device`` with
+    the original's weights and buffer rows (an empty ``[]`` buffer: the config's fresh one).
+    Raises UserError (one line) before anything is built."""
+    cfg, shape, n_classes, added = run_config(original, overrides)
+    state = keymap.to_jemfast(original["model_state_dict"], cfg, shape, n_classes)
+
+    def build() -> tuple[torch.nn.Module, Any]:
+        model = build_model(cfg, shape, n_classes, device)
+        model.load_state_dict(state)
+        buffer = build_buffer(cfg, shape, n_classes, device)
+        if len(original["replay_buffer"]):
+            buffer.load_state_dict({"data": original["replay_buffer"], "reinit_freq": cfg.sampler.reinit_freq})
+        return model, buffer
+
+    return cfg, shape, n_classes, added, build
+
+
 def original_to_run(original: Mapping[str, Any], overrides: Mapping[str, Any],
                     src: str | Path = "the original checkpoint") -> tuple[Path, dict[str, Any]]:
     """Write the original checkpoint ``original`` (:func:`.original_format.read_original`'s dict)
     as a new jemfast run in ``overrides["run.out"]`` (train flags as dotted config keys); returns
     ``(last.pt path, the config keys convert added to overrides)``: ``jemfast.train --resume``
     continues the run given both."""
-    cfg, shape, n_classes, added = run_config(original, overrides)
-    state = keymap.to_jemfast(original["model_state_dict"], cfg, shape, n_classes)
+    cfg, shape, n_classes, added, build = original_model(original, overrides)
     if holds_run(Path(cfg.run.out)):
         raise UserError(f"--out {cfg.run.out} holds a run; convert writes a new run: choose another --out")
     out, lock = prepare_out(cfg.run)
     try:
         seed_all(cfg.run.seed)
-        model = build_model(cfg, shape, n_classes, _CPU)
-        model.load_state_dict(state)
-        buffer = build_buffer(cfg, shape, n_classes, _CPU)
-        if len(original["replay_buffer"]):
-            buffer.load_state_dict({"data": original["replay_buffer"], "reinit_freq": cfg.sampler.reinit_freq})
+        model, buffer = build()
         ckpt = training_state(cfg, shape, n_classes, model, build_optimizer(cfg, model), buffer,
                               build_sampler(cfg), Progress(seed=cfg.run.seed), RecoveryState())
         path = save_good_checkpoint(ckpt, out, 0, cfg.stability.good_ring)

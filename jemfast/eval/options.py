@@ -1,19 +1,26 @@
 """Command line of ``python -m jemfast.eval`` and the validated :class:`EvalOptions`.
 
 Dataset-dependent defaults (OOD sets, epsilons, number of attacked images) are filled in by
-:func:`resolve_defaults` once the checkpoint says which dataset it was trained on.
+:func:`resolve_defaults` once the checkpoint says which dataset it was trained on. A checkpoint
+of the original JEM code says nothing: the train flags of :data:`ORIGINAL_MODEL_KEYS` (as
+``python -m jemfast.compat convert`` takes them) say which model it holds.
 """
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 from ..cli import OneLineParser
-from ..config import BACKENDS, DEVICES, SEED_MAX
+from ..config import BACKENDS, DEVICES, FLAGS_BY_KEY, SEED_MAX, Config
 from ..schema import add_flags, check_fields, given_values, option
 from .ood import OOD_SETS, default_ood
 
+# the train flags that build an original JEM checkpoint's model (jemfast.compat.loading)
+ORIGINAL_MODEL_KEYS = ("data.dataset", "model.name", "model.depth", "model.width", "model.norm", "model.dropout",
+                       "model.wrn_layout", "model.hidden", "sampler.class_cond", "sampler.step_size",
+                       "sampler.noise_std")
+ORIGINAL_PREFIX = "original."
 PARTS = ("accuracy", "calibration", "ood", "samples", "robustness", "generation")
 GEN_SOURCES = ("buffer", "short-run")
 
@@ -71,6 +78,7 @@ class EvalOptions:
     gen_n: int = option(5000, "--gen-n", "samples scored by IS/FID", lo=1, hi=1_000_000)
     is_splits: int = option(10, "--is-splits", "splits of the Inception Score's mean +- std", lo=1, hi=1000)
     eps: dict[str, list[float]] = field(default_factory=dict)  # norm -> eps list; see resolve_defaults
+    model_flags: dict[str, Any] = field(default_factory=dict)  # dotted config keys of ORIGINAL_MODEL_KEYS given
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,12 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
                                   "samples, adversarial robustness, IS/FID. Writes eval.json, report.md "
                                   "and PNGs.")
     add_flags(p, EvalOptions)
+    original = p.add_argument_group(
+        "original JEM checkpoints", "{'model_state_dict', 'replay_buffer'} files hold no configuration: give "
+        "the train flags of their model (defaults: the original code's, --dataset cifar10 --model wrn --depth 28 "
+        "--width 10 --norm none; a WRN is read with --wrn-layout original)")
+    add_flags(p, Config, skip=[key for key in FLAGS_BY_KEY if key not in ORIGINAL_MODEL_KEYS],
+              dest_prefix=ORIGINAL_PREFIX, group=original)
     return p
 
 
 def options_from_args(argv: Sequence[str] | None = None) -> EvalOptions:
     """Parse ``argv`` into validated options (raises ValueError for bad values)."""
-    return validate(EvalOptions(**given_values(build_parser().parse_args(argv), EvalOptions)))
+    args = build_parser().parse_args(argv)
+    return validate(EvalOptions(**given_values(args, EvalOptions),
+                                model_flags=given_values(args, Config, ORIGINAL_PREFIX)))
 
 
 def validate(o: EvalOptions) -> EvalOptions:

@@ -97,8 +97,10 @@ SECTIONS = [("accuracy", "Accuracy", accuracy_md), ("calibration", "Calibration"
 
 def write_report(results: dict[str, Any], path: Path) -> None:
     t = results["timings_s"]
+    where = ("original JEM format" if results.get("format") == "original"
+             else f"step {results['step']}, epoch {results['epoch']}")
     lines = [f"# JEM evaluation: {results['dataset']}", "",
-             f"Checkpoint `{results['checkpoint']}` (step {results['step']}, epoch {results['epoch']}, "
+             f"Checkpoint `{results['checkpoint']}` ({where}, "
              f"model {results['model']}); device {results['device_name']}, torch {results['torch_version']}, "
              f"jemfast {results['jemfast_version']}, seed {results['seed']}; {t.get('total', 0):.0f} s.", ""]
     for key, title, fn in SECTIONS:

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import torch
 
 from .. import __version__
-from ..checkpoint import load_checkpoint
+from ..compat.loading import load_any_checkpoint
 from ..data import load_data
 from ..build import resolve_device
 from ..interrupt import handling_signals
@@ -57,7 +57,7 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
     for problems a user can fix (missing/corrupt checkpoint, bad option, missing dataset)."""
     t_start = time.perf_counter()
     device = resolve_device(opts.device)
-    ck = load_checkpoint(opts.checkpoint, device)
+    ck = load_any_checkpoint(opts.checkpoint, device, opts.model_flags)  # jemfast's format or the original's
     model, cfg, buffer = ck["model"], ck["config"], ck["buffer"]
     if opts.data_dir:
         cfg.data.data_dir = opts.data_dir
@@ -71,10 +71,12 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
 def _run_parts(opts: EvalOptions, ck: dict[str, Any], model, cfg, buffer, data, device: torch.device,
                out: Path, t_start: float) -> dict[str, Any]:
     torch.manual_seed(opts.seed)
-    log.info(f"{opts.checkpoint}: {data.name}, step {ck['step']}, epoch {ck['epoch']}, device {device}; "
-             f"writing to {out}")
+    fmt = ck.get("format", "jemfast")
+    where = "original JEM format" if fmt == "original" else f"step {ck['step']}, epoch {ck['epoch']}"
+    log.info(f"{opts.checkpoint}: {data.name}, {where}, device {device}; writing to {out}")
     results: dict[str, Any] = {
-        "checkpoint": str(opts.checkpoint), "dataset": data.name, "step": ck["step"], "epoch": ck["epoch"],
+        "checkpoint": str(opts.checkpoint), "format": fmt, "dataset": data.name, "step": ck["step"],
+        "epoch": ck["epoch"],
         "model": cfg.model.name, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch_version": torch.__version__, "jemfast_version": __version__, "seed": opts.seed,
