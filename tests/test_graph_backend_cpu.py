@@ -156,18 +156,21 @@ def test_static_buffers_leave_the_callers_x_alone_and_return_a_fresh_tensor(grap
     assert cap.x.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_captured_chain_and_replay_path_are_sync_free(graphs):
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_captured_chain_and_replay_path_are_sync_free(graphs, autocast):
     model, x = _model(), _x()
     y = torch.arange(4) % 10
     g = GraphChain(DEVICE)
+    spec = ChainSpec(3, 1.0, 0.01, clamp=True, autocast_dtype=autocast)  # bf16: cast-once weights
     with SyncRecorder() as capture:
-        _run(g, model, x, y)  # the first call captures
+        _run(g, model, x, y, spec)  # the first call captures
     assert_sync_free(capture)
     # warm-up, the recorded capture run, then the call's replay
     assert capture.launches["_sgld_kernel"] == g.warmup_steps + 2 * SPEC.n_steps
     steps = graphs[0].steps
     assert sum(kind == "launch" for kind, *_ in steps) == SPEC.n_steps  # the graph holds the 3 updates
     with SyncRecorder() as replay:
-        _run(g, model, x, y)
+        _run(g, model, x, y, spec)
     assert_sync_free(replay)
+    assert replay.ops > 0 and len(graphs) == 1
     assert replay.launches["_sgld_kernel"] == SPEC.n_steps

@@ -83,6 +83,7 @@ class SyncRecorder(TorchDispatchMode):
         super().__init__()
         self.events: list[SyncEvent] = []
         self.launches: Counter[str] = Counter()
+        self.ops = 0  # aten ops seen (to tell an empty region from a clean one)
         self._host: dict[int, weakref.ref] = {}  # id -> tensor (ids, not a WeakSet: no Tensor.__eq__)
         for t in host_tensors:
             self._mark_host(t)
@@ -118,6 +119,7 @@ class SyncRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        self.ops += 1
         tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         host = [self._is_host(t) for t in tensors]
         all_host = bool(tensors) and all(host)
