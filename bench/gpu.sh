@@ -163,7 +163,7 @@ first)
     capped 60 machine "$PY" bench/machine.py "$OUT/${TAG}_check.json"
     capped 90 kernel-tests "${PYTEST[@]}" tests/test_kernel_sgld.py tests/test_kernel_buffer.py \
         tests/test_kernel_compile.py -m "not slow"
-    capped 100 gpu-tests "${PYTEST[@]}" tests/test_gpu.py -m "gpu and not compile"
+    capped 100 gpu-tests "${PYTEST[@]}" tests/test_gpu.py tests/test_gpu_iteration_sync.py -m "gpu and not compile"
     capped 120 wrn-iteration "${QUICK_BENCH[@]}" "$OUT/${TAG}_iteration.json" bench/test_train_iteration.py \
         -m "not compile" -k "original-strict-fp32 or original-tf32 or jemfast-graph-bf16-cl"
     capped 75 wrn-chain "${QUICK_BENCH[@]}" "$OUT/${TAG}_chain.json" bench/test_sgld_chain.py -m "not compile" \
