@@ -61,10 +61,17 @@ def jit_kernels(module: Any) -> dict[str, Any]:
 
 
 def _tool(name: str, arch: int) -> str:
+    """The ptxas (Blackwell's for sm_100 where Triton has one) or cuobjdump that Triton bundles."""
     from triton import knobs
-    from triton.backends.nvidia.compiler import get_ptxas
 
-    return get_ptxas(arch).path if name == "ptxas" else knobs.nvidia.cuobjdump.path
+    if name == "ptxas":
+        try:
+            from triton.backends.nvidia.compiler import get_ptxas
+
+            return get_ptxas(arch).path
+        except (ImportError, TypeError):  # other Triton versions: one ptxas
+            return knobs.nvidia.ptxas.path
+    return knobs.nvidia.cuobjdump.path
 
 
 def _readings(ptx: str, cubin: bytes, arch: int) -> dict[str, int]:
