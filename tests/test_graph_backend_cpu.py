@@ -174,3 +174,23 @@ def test_captured_chain_and_replay_path_are_sync_free(graphs, autocast):
     assert_sync_free(replay)
     assert replay.ops > 0 and len(graphs) == 1
     assert replay.launches["_sgld_kernel"] == SPEC.n_steps
+
+
+def test_an_item_in_the_captured_chain_is_caught(graphs, monkeypatch):
+    import jemfast.sgld.reference as reference
+
+    real = reference.energy_of
+
+    def energy_with_a_read(*args, **kwargs):
+        e = real(*args, **kwargs)
+        e.sum().item()  # illegal inside a CUDA-graph capture
+        return e
+
+    monkeypatch.setattr(reference, "energy_of", energy_with_a_read)
+    g = GraphChain(DEVICE)
+    with SyncRecorder() as rec:
+        _run(g, _model(), _x())
+    reads = [e for e in rec.events if e.op == "_local_scalar_dense"]
+    assert len(reads) >= g.warmup_steps + SPEC.n_steps and len(reads) == len(rec.events)
+    with pytest.raises(AssertionError, match="_local_scalar_dense"):
+        assert_sync_free(rec)
