@@ -187,9 +187,9 @@ def test_an_item_in_the_captured_chain_is_caught(graphs, monkeypatch):
         return e
 
     monkeypatch.setattr(reference, "energy_of", energy_with_a_read)
-    g = GraphChain(DEVICE)
+    g, model, x = GraphChain(DEVICE), _model(), _x()
     with SyncRecorder() as rec:
-        _run(g, _model(), _x())
+        _run(g, model, x)
     reads = [e for e in rec.events if e.op == "_local_scalar_dense"]
     assert len(reads) >= g.warmup_steps + SPEC.n_steps and len(reads) == len(rec.events)
     with pytest.raises(AssertionError, match="_local_scalar_dense"):
