@@ -126,7 +126,7 @@ class SyncRecorder(TorchDispatchMode):
         name = str(func.overloadpacket.__name__)
         if func in _READS and not all_host:
             self._record("read", name, _READS[func])
-        elif func in _SHAPES:
+        elif func in _SHAPES and kwargs.get("output_size") is None:  # repeat_interleave given it: static
             self._record("shape", name, "output shape depends on tensor values")
         elif func in _INDEXING and any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
                                        for i in pytree.tree_leaves(args[1:2])):
