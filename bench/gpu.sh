@@ -3,7 +3,16 @@
 #
 #   bash bench/gpu.sh STAGE OUTDIR
 #
-# Stages (expected minutes on an H100, bench/RESULTS.md has the reasoning):
+# Stages (expected minutes on an H100, bench/RESULTS.md has the reasoning). The 15-minute plan
+# uses two (bench/RESULTS.md, "Plan for 15 device-minutes"):
+#   first              THE first command (<= JEMFAST_STAGE_LIMIT_S, default 330 s): install check,
+#                      versions + GEMM/copy rates, kernel tests, GPU tests (no torch.compile), the
+#                      WRN-28-10 iteration (original strict fp32, original TF32, jemfast graph bf16
+#                      channels-last) and the WRN-28-10 chain vs the measured bf16 GEMM rate; each
+#                      step capped (JEMFAST_CAP_<STEP> overrides a cap), results written as they come
+#   second             optional, right after: kernel resources with this machine's Triton, the
+#                      README's --compile iteration, the compile tests, the layout study  (~5.5)
+# Older stages, for longer leases:
 #   check              install check, versions, nvidia-smi, bf16/TF32/fp32 GEMM rates (8192^3),
 #                      kernel tests on CUDA, GPU tests without torch.compile          (~2-3)
 #   bench              full benchmarks without Inductor: chains, iterations, buffer   (~3-4)
@@ -24,7 +33,7 @@
 # stage without CUDA, its files named cpu_DATE_STAGE.
 set -uo pipefail
 
-STAGES="check bench layout compile bench-compile bench-compile-iter suite"
+STAGES="first second check bench layout compile bench-compile bench-compile-iter suite"
 usage() {
     echo "usage: bash bench/gpu.sh STAGE OUTDIR   (STAGE: ${STAGES// / | })" >&2
     exit 2
@@ -39,7 +48,8 @@ OUT=$(cd "$2" && pwd)
 cd "$(dirname "$0")/.." || exit 2
 REPO=$(pwd -P)
 PY="${PYTHON:-python3}"
-LIMIT="${JEMFAST_STAGE_LIMIT_S:-450}"
+case "$STAGE" in first|second) LIMIT="${JEMFAST_STAGE_LIMIT_S:-330}" ;; *) LIMIT="${JEMFAST_STAGE_LIMIT_S:-450}" ;; esac
+RESERVE=25  # seconds kept for the final summary of the first/second stages
 DEADLINE=$((SECONDS + LIMIT))
 
 command -v "$PY" >/dev/null || { echo "bench/gpu.sh $STAGE: no '$PY' on PATH (set PYTHON=...)" >&2; exit 3; }
@@ -65,6 +75,7 @@ export PYTHONUNBUFFERED=1
 FAILED=()
 
 say() { echo "$*" | tee -a "$LOG"; }
+STATUS="$OUT/$TAG.status"  # one line per finished step: name, exit code, seconds (first/second)
 
 # step NAME CMD...: run CMD with what is left of the stage's time, log it, remember a failure.
 step() {
@@ -81,6 +92,38 @@ step() {
     [ "$rc" -eq 124 ] && say "== $name: stopped at the stage limit (${LIMIT}s)"
     say "== $name: exit $rc after $((SECONDS - t0))s"
     [ "$rc" -eq 0 ] || FAILED+=("$name (exit $rc)")
+}
+
+# capped CAP NAME CMD...: like step, but at most CAP seconds (JEMFAST_CAP_<NAME> overrides it)
+# and never into the RESERVE seconds kept for the summary; its outcome goes to the status file.
+capped() {
+    local cap=$1 name=$2 var t0=$SECONDS rc left
+    shift 2
+    var="JEMFAST_CAP_$(echo "$name" | tr 'a-z-' 'A-Z_')"
+    cap=${!var:-$cap}
+    left=$((DEADLINE - RESERVE - SECONDS))
+    if [ "$left" -le 10 ]; then
+        say "== $name: not run (stage limit ${LIMIT}s reached)"
+        FAILED+=("$name (not run: time)")
+        printf '%s\tnot-run\t0\n' "$name" >>"$STATUS"
+        return
+    fi
+    [ "$cap" -lt "$left" ] && left=$cap
+    say "== $name ($(date -u +%H:%M:%S), ${left}s): $*"
+    timeout -s INT -k 20 "$left" "$@" 2>&1 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 124 ] && say "== $name: stopped after ${left}s (its cap ${cap}s or the stage limit)"
+    say "== $name: exit $rc after $((SECONDS - t0))s"
+    printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >>"$STATUS"
+    [ "$rc" -eq 0 ] || FAILED+=("$name (exit $rc)")
+}
+
+# the summary of whatever the stage wrote: tables into the log and into TAG_summary.md
+summarise() {
+    say "== summary ($(date -u +%H:%M:%S))"
+    timeout -k 5 "$RESERVE" "$PY" bench/summary.py "$OUT" >"$OUT/${TAG}_summary.md" 2>&1
+    cat "$OUT/${TAG}_summary.md" >>"$LOG"
+    cat "$OUT/${TAG}_summary.md"
 }
 
 # jemfast importable from outside the repository, as this checkout? Else an editable install.
@@ -108,7 +151,33 @@ BENCH=(env JEMFAST_BENCH_FULL=1 TORCH_LOGS=recompiles "${PYTEST[@]}" --bench-ful
 
 say "== jemfast bench/gpu.sh $STAGE on $GPU, $(date -u +%FT%TZ), git $(git rev-parse --short HEAD 2>/dev/null || echo '?'), limit ${LIMIT}s"
 ensure_installed
+# the WRN-28-10 benchmarks of the first/second stages; JEMFAST_BENCH_QUICK=1 (the CPU rehearsal
+# of tests/test_gpu_stages.py) runs them in quick mode (tiny workloads) instead
+if [ "${JEMFAST_BENCH_QUICK:-0}" = 1 ]; then MODE=(); else MODE=(--bench-full); fi
+QUICK_BENCH=(env JEMFAST_BENCH_ROUNDS="${JEMFAST_BENCH_ROUNDS:-5}" TORCH_LOGS=recompiles "${PYTEST[@]}" "${MODE[@]}"
+             -s --benchmark-columns=median,min,max,stddev,rounds --benchmark-json)
+
 case "$STAGE" in
+first)
+    if command -v nvidia-smi >/dev/null; then capped 20 nvidia-smi nvidia-smi; else say "== nvidia-smi: not on PATH"; fi
+    capped 60 machine "$PY" bench/machine.py "$OUT/${TAG}_check.json"
+    capped 90 kernel-tests "${PYTEST[@]}" tests/test_kernel_sgld.py tests/test_kernel_buffer.py \
+        tests/test_kernel_compile.py -m "not slow"
+    capped 100 gpu-tests "${PYTEST[@]}" tests/test_gpu.py tests/test_gpu_iteration_sync.py -m "gpu and not compile"
+    capped 120 wrn-iteration "${QUICK_BENCH[@]}" "$OUT/${TAG}_iteration.json" bench/test_train_iteration.py \
+        -m "not compile" -k "original-strict-fp32 or original-tf32 or jemfast-graph-bf16-cl"
+    capped 75 wrn-chain "${QUICK_BENCH[@]}" "$OUT/${TAG}_chain.json" bench/test_sgld_chain.py -m "not compile" \
+        -k "wrn and bf16 and channels_last and (graph or reference)"
+    summarise
+    ;;
+second)
+    capped 60 kernel-resources "$PY" -m jemfast.kernels.aot --json "$OUT/${TAG}_aot.json" --jobs 8
+    capped 200 compile-iteration "${QUICK_BENCH[@]}" "$OUT/${TAG}_iteration.json" bench/test_train_iteration.py \
+        -m compile -k "jemfast-best"
+    capped 90 compile-tests env TORCH_LOGS=recompiles "${PYTEST[@]}" tests/test_gpu.py -m "gpu and compile"
+    capped 60 layout "$PY" bench/layout.py "$OUT/${TAG}_layout.json"
+    summarise
+    ;;
 check)
     step nvidia-smi nvidia-smi
     step machine "$PY" bench/machine.py "$OUT/$TAG.json"

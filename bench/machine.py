@@ -1,6 +1,7 @@
 """What GPU machine this is and how fast its matrix unit and memory are: the `check` stage's JSON.
 
-Usage: ``python3 bench/machine.py OUT.json`` (CUDA only; exit 3 without a CUDA device).
+Usage: ``python3 bench/machine.py OUT.json`` (CUDA only; exit 3 without a CUDA device, unless
+``JEMFAST_ALLOW_CPU=1``: then only the versions are written, for bench/gpu.sh's CPU rehearsal).
 
 Writes ``{"kind": "jemfast-gpu-check", ...}`` with the versions (python, torch, CUDA, cuDNN,
 triton, jemfast), the GPU (name, multiprocessors, memory), ``nvidia-smi``'s clocks and power
@@ -104,6 +105,10 @@ def main() -> int:
         log.error("usage: python3 bench/machine.py OUT.json")
         return 2
     if not torch.cuda.is_available():
+        if os.environ.get("JEMFAST_ALLOW_CPU") == "1":  # bench/gpu.sh's CPU rehearsal: versions only
+            Path(sys.argv[1]).write_text(json.dumps({"kind": "jemfast-cpu-rehearsal", **machine_info()}, indent=1))
+            log.info(f"no CUDA device (JEMFAST_ALLOW_CPU=1): versions only, wrote {sys.argv[1]}")
+            return 0
         log.error("no CUDA device")
         return 3
     props = torch.cuda.get_device_properties(0)

@@ -26,6 +26,8 @@ whether or not the values were needed. Nothing is passed as a Python int, so:
   ``copy_`` where a captured graph holds the tensor's address).
 """
 import os
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 
@@ -40,7 +42,62 @@ except ImportError:  # pragma: no cover - depends on the environment
     HAS_TRITON = False
 
 __all__ = ["HAS_TRITON", "interpret_mode", "triton_available", "new_rng_state",
-           "check_rng_state", "require_triton"]
+           "check_rng_state", "require_triton", "LaunchSpec", "launch_spec", "TRITON_TYPES"]
+
+# torch dtype -> Triton's name of it in a kernel signature (pointers get a leading '*')
+TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+                torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8"}
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """One specialisation of a Triton kernel as a launcher launches it: what Triton compiles a
+    separate binary for. ``signature``: (argument name, Triton type) of the runtime arguments in
+    order (``*fp32`` a pointer to fp32, ``i32``, ``fp32``); ``constexprs``: (name, value);
+    ``divisible``: the arguments Triton specialises as multiples of 16 (pointers: 16-byte
+    aligned; integers: ``% 16 == 0``); ``num_warps``: the launch's warps per program.
+    ``kernel`` names the ``@triton.jit`` function in ``module`` (e.g. ``jemfast.kernels.sgld``).
+    """
+
+    module: str
+    kernel: str
+    signature: tuple[tuple[str, str], ...]
+    constexprs: tuple[tuple[str, Any], ...]
+    divisible: tuple[str, ...]
+    num_warps: int
+
+    def label(self) -> str:
+        """A short name: kernel, non-pointer types of pointers, constexprs, divisibility."""
+        ptrs = ",".join(t[1:] for _, t in self.signature if t.startswith("*"))
+        flags = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.constexprs)
+        ints = [n for n, t in self.signature if t[0] in "iu" and n in self.divisible]
+        return f"{self.kernel}[{ptrs}; {flags}; w{self.num_warps}{'; ' + ','.join(ints) + '%16' if ints else ''}]"
+
+
+def _arg_type(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + TRITON_TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"unsupported kernel argument {type(value).__name__}")
+
+
+def _divisible(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.data_ptr() % 16 == 0
+    return isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0
+
+
+def launch_spec(kernel: Any, args: Sequence[Any], constexprs: dict[str, Any], num_warps: int) -> LaunchSpec:
+    """The :class:`LaunchSpec` of launching ``kernel[grid](*args, **constexprs, num_warps=...)``
+    with these runtime ``args`` (tensors, ints, floats), as Triton's launcher specialises it."""
+    names = kernel.arg_names[:len(args)]
+    return LaunchSpec(kernel.fn.__module__, kernel.fn.__name__, tuple(zip(names, map(_arg_type, args))),
+                      tuple(constexprs.items()), tuple(n for n, a in zip(names, args) if _divisible(a)), num_warps)
 
 
 def interpret_mode() -> bool:

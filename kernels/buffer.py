@@ -20,11 +20,14 @@ import math
 import torch
 from torch import Tensor
 
-from ._common import HAS_TRITON, check_rng_state, require_triton, tl, triton
+from ._common import TRITON_TYPES, HAS_TRITON, LaunchSpec, check_rng_state, require_triton, tl, triton
 
-__all__ = ["gather_reinit", "gather_reinit_reference"]
+__all__ = ["gather_reinit", "gather_reinit_reference", "launch_specs"]
 
 BLOCK_SIZE = 1024  # columns per program (one 3x32x32 image is 3 programs)
+NUM_WARPS = 8  # 4 columns per thread: <= 32 registers (56 at 4 warps on sm_90), see kernels/sgld.py
+MAX_REGISTERS = 40  # budget checked by tests/test_kernel_compile.py
+MAX_STACK = 0
 _BUFFER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 if HAS_TRITON:
@@ -108,9 +111,22 @@ def gather_reinit(buffer: Tensor, idx: Tensor, reinit: Tensor, rng_state: Tensor
     idx = idx.to(torch.int64).contiguous()
     flags = reinit.contiguous().view(torch.uint8)  # bool -> bytes: a plain int8 load in the kernel
     grid = (batch, triton.cdiv(row_size, BLOCK_SIZE))
-    _gather_reinit_kernel[grid](buffer, idx, flags, out, rng_state, row_size, BLOCK=BLOCK_SIZE)
+    _gather_reinit_kernel[grid](buffer, idx, flags, out, rng_state, row_size, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
     rng_state[1:].add_(batch * row_size)
     return out
+
+
+def launch_specs() -> list[LaunchSpec]:
+    """Every specialisation :func:`gather_reinit` launches (buffer dtype x whether the row size
+    is a multiple of 16), for the ahead-of-time compile check (:mod:`.aot`)."""
+    specs = []
+    for dtype in _BUFFER_DTYPES:
+        for row16 in (False, True):
+            sig = (("buf_ptr", "*" + TRITON_TYPES[dtype]), ("idx_ptr", "*i64"), ("reinit_ptr", "*u8"),
+                   ("out_ptr", "*fp32"), ("rng_ptr", "*i64"), ("row_size", "i32"))
+            div = ("buf_ptr", "idx_ptr", "reinit_ptr", "out_ptr", "rng_ptr") + (("row_size",) if row16 else ())
+            specs.append(LaunchSpec(__name__, "_gather_reinit_kernel", sig, (("BLOCK", BLOCK_SIZE),), div, NUM_WARPS))
+    return specs
 
 
 def gather_reinit_reference(buffer: Tensor, idx: Tensor, reinit: Tensor,

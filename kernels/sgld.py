@@ -12,14 +12,23 @@ NaN as NaN, so a diverging chain stays visible to the divergence monitor.
 
 :func:`sgld_update_reference` is the plain PyTorch definition that the kernel must match.
 """
+import itertools
+
 import torch
 from torch import Tensor
 
-from ._common import HAS_TRITON, check_rng_state, require_triton, tl, triton
+from ._common import TRITON_TYPES, HAS_TRITON, LaunchSpec, check_rng_state, require_triton, tl, triton
 
-__all__ = ["sgld_update_", "sgld_update_reference"]
+__all__ = ["sgld_update_", "sgld_update_reference", "launch_specs"]
 
 BLOCK_SIZE = 1024  # elements per program
+# 8 warps: 4 elements per thread (16-byte fp32 loads), <= 32 registers on sm_80/90/100 and full
+# occupancy; at 4 warps (8 per thread) it took 40-48 (tests/test_kernel_compile.py, bench/RESULTS.md)
+NUM_WARPS = 8
+MAX_REGISTERS = 40  # budget checked by tests/test_kernel_compile.py for every specialisation
+# stack frame allowed: the 32 bytes are the never-taken Payne-Hanek path of tl.randn's precise cosf
+# (its argument is in [0, 2pi)); reserving them costs no memory traffic
+MAX_STACK = 32
 _GRAD_DTYPES = (torch.float32, torch.bfloat16)
 
 if HAS_TRITON:
@@ -100,9 +109,26 @@ def sgld_update_(x: Tensor, grad: Tensor, step_size: float, noise_std: float, rn
     clip = 0.0 if grad_clip is None else float(grad_clip)
     grid = (triton.cdiv(n, BLOCK_SIZE),)
     _sgld_kernel[grid](x, grad, rng_state, n, step_size, noise_std, clip,
-                       HAS_NOISE=noise_std != 0.0, CLAMP=bool(clamp), CLIP=grad_clip is not None, BLOCK=BLOCK_SIZE)
+                       **_constexprs(noise_std != 0.0, bool(clamp), grad_clip is not None), num_warps=NUM_WARPS)
     rng_state[1:].add_(n)
     return x
+
+
+def _constexprs(noise: bool, clamp: bool, clip: bool) -> dict:
+    return {"HAS_NOISE": noise, "CLAMP": clamp, "CLIP": clip, "BLOCK": BLOCK_SIZE}
+
+
+def launch_specs() -> list[LaunchSpec]:
+    """Every specialisation :func:`sgld_update_` launches (grad dtype x noise x clamp x clip x
+    whether ``n`` is a multiple of 16), for the ahead-of-time compile check (:mod:`.aot`)."""
+    specs = []
+    for gdt, noise, clamp, clip, n16 in itertools.product(_GRAD_DTYPES, *[(False, True)] * 4):
+        sig = (("x_ptr", "*fp32"), ("grad_ptr", "*" + TRITON_TYPES[gdt]), ("rng_ptr", "*i64"), ("n_elements", "i32"),
+               ("step_size", "fp32"), ("noise_std", "fp32"), ("grad_clip", "fp32"))
+        div = ("x_ptr", "grad_ptr", "rng_ptr") + (("n_elements",) if n16 else ())
+        specs.append(LaunchSpec(__name__, "_sgld_kernel", sig, tuple(_constexprs(noise, clamp, clip).items()),
+                                div, NUM_WARPS))
+    return specs
 
 
 def sgld_update_reference(x: Tensor, grad: Tensor, step_size: float, noise_std: float,
