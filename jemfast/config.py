@@ -234,6 +234,23 @@ DATASET_PRESETS: dict[str, dict[str, Any]] = {
         "run.sample_every": 200,
         "run.out": "runs/digits",
     },
+    # The natural-divergence benchmark's setting (README "Natural divergence"): the paper's
+    # architecture family (WRN without normalisation) at a CPU size; plain JEM diverges here.
+    "digits32": {
+        "model.name": "wrn",
+        "model.depth": 10,
+        "model.width": 2,
+        "model.norm": "none",
+        "optim.epochs": 4,
+        "optim.lr": 1e-3,
+        "optim.batch_size": 32,
+        "optim.warmup_iters": 20,
+        "optim.decay_epochs": (),
+        "sampler.buffer_size": 1000,
+        "sampler.n_steps": 5,
+        "run.sample_every": 200,
+        "run.out": "runs/digits32",
+    },
     "toy2d": {
         "model.name": "mlp",
         "model.hidden": 128,

@@ -97,6 +97,7 @@ class Guard:
         self.model, self.optimizer, self.buffer, self.sampler = model, optimizer, buffer, sampler
         self.seed = torch.initial_seed() % 2**32 if seed is None else check_value("run.seed", seed, "seed")
         self.base_n_steps = int(sampler.n_steps) if sampler is not None else 0
+        self.base_step_size = float(sampler.step_size) if hasattr(sampler, "step_size") else None
         self.device = _device_of(model, buffer)
         self.monitor = DivergenceMonitor(self.cfg, self.device)
         self.recovery = RecoveryState(memory_ring=self.cfg.snapshot_ring)
@@ -144,8 +145,8 @@ class Guard:
             raise DivergenceExhausted(
                 f"training diverged at iteration {self.iteration} ({cause}) after {len(rec.restarts)} restart(s); "
                 f"model, optimizer and buffer are back at the last good state (iteration {good}{where})")
-        restart(rec, self.seed, self.iteration, cause, self.monitor.onset(), self._roll_back, self._reseed,
-                self.sampler, self.base_n_steps, self._reset_buffer)
+        restart(rec, self.seed, self.iteration, cause, self.monitor, self._roll_back, self._reseed,
+                self.sampler, self.base_n_steps, self.base_step_size, self._reset_buffer)
         return True
 
     def mark_good(self) -> None:
@@ -170,6 +171,12 @@ class Guard:
         return self.recovery.lr_scale
 
     @property
+    def sgld_step_size_scale(self) -> float:
+        """Cumulative SGLD step-size factor of the restarts so far (1.0 before any): a restart after
+        a collapse with lagging chains multiplies it by 10 (jemfast.stability)."""
+        return self.recovery.sgld_step_size_scale
+
+    @property
     def sgld_steps_factor(self) -> int:
         """Cumulative SGLD step-count factor of the restarts so far (1 before any)."""
         return self.recovery.sgld_steps_factor
@@ -178,7 +185,8 @@ class Guard:
         """The policy's position (iteration, seed, restarts, lr and SGLD-step factors), plain
         values only: put it in your own checkpoint."""
         return {"format": FILE_FORMAT, "iteration": self.iteration, "seed": self.seed,
-                "base_n_steps": self.base_n_steps, **copy.deepcopy(self.recovery.state_dict())}
+                "base_n_steps": self.base_n_steps, "base_step_size": self.base_step_size,
+                **copy.deepcopy(self.recovery.state_dict())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`'s output. Call it after restoring the model, optimizer
@@ -186,10 +194,10 @@ class Guard:
         its base count x the restored factor (the optimizer's lr already carries the lr scale)."""
         self.iteration, self.seed = int(state["iteration"]), int(state["seed"])
         self.base_n_steps = int(state["base_n_steps"])
+        self.base_step_size = state.get("base_step_size", self.base_step_size)
         self.recovery.load_state_dict(state)
         self.recovery.restarts = copy.deepcopy(list(state["restarts"]))
-        if self.sampler is not None:
-            self.sampler.n_steps = self.base_n_steps * self.recovery.sgld_steps_factor
+        self.recovery.set_sampler(self.sampler, self.base_n_steps, self.base_step_size)
         self.mark_good()
 
     # ---- rolling back --------------------------------------------------------------------------

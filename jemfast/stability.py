@@ -42,7 +42,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-from .collapse import IntervalStats, accuracy_collapsed, gap_drifting
+from .collapse import DRIFT_FLOOR, IntervalStats, accuracy_collapsed, gap_drifting
 from .collapse import onset as collapse_onset
 from .config import StabilityConfig
 from .errors import one_line
@@ -66,6 +66,10 @@ CAUSES = (
     "train accuracy fell to chance",
 )
 DRIFT_BIT, ACC_BIT = 1 << 9, 1 << 10
+# A lagging sampler's remedy: on a network without normalisation the input gradient is ~1e-4 per
+# pixel, and step size 1 leaves the chains where they start (measured on the natural-divergence
+# benchmark: 20 steps of size 1 lower E(fake) by 0.001, of size 100 by 0.36 nats, past E(real)).
+SGLD_STEP_SIZE_FACTOR = 10.0
 # Floor of the robust scale of log(1 + v), so a near-constant history (MAD ~ 0) does not turn
 # noise into alarms: with relative_z = 8 the smallest flagged rise is 8 x 0.25 = 2 in log(1 + v),
 # i.e. 1 + v above e^2 = 7.4 times 1 + its recent median.
@@ -194,6 +198,11 @@ class DivergenceMonitor:
             return max((s for s in self._states if s < self.series[0].step), default=0)
         return began
 
+    def chains_lagging(self) -> bool:
+        """True when the last interval's energy gap had run away below zero (E(real) under
+        E(fake) by more than :data:`jemfast.collapse.DRIFT_FLOOR`): the samples could not follow."""
+        return bool(self.series) and self.series[-1].gap < -DRIFT_FLOOR
+
     def rewind(self, step: int) -> None:
         """The run rolled back to iteration ``step``: forget what came after it. The relative
         tests' history becomes the one recorded at the newest healthy check at or before ``step``
@@ -227,6 +236,7 @@ class RecoveryAction:
     new_seed: int
     lr_factor: float = 1.0
     sgld_steps_factor: int = 1
+    sgld_step_size_factor: float = 1.0
     reset_buffer: bool = False
     rewarm: bool = False  # the learning-rate warm-up starts again at the iteration rolled back to
 
@@ -236,6 +246,8 @@ class RecoveryAction:
             parts.append(f"lr x{self.lr_factor}")
         if self.sgld_steps_factor != 1:
             parts.append(f"sgld steps x{self.sgld_steps_factor}")
+        if self.sgld_step_size_factor != 1.0:
+            parts.append(f"sgld step size x{self.sgld_step_size_factor:g}")
         if self.reset_buffer:
             parts.append("buffer re-initialised")
         if self.rewarm:
@@ -243,16 +255,16 @@ class RecoveryAction:
         return ", ".join(parts)
 
 
-def recovery_action(k: int, base_seed: int) -> RecoveryAction:
-    """The documented action for the ``k``-th restart (1-based)."""
-    action = RecoveryAction(restart=k, new_seed=base_seed + 1000 * k)
-    if k == 2 or k >= 5:
-        action.lr_factor = 0.5
-    elif k == 3:
+def recovery_action(k: int, base_seed: int, chains_lagging: bool = False) -> RecoveryAction:
+    """The documented action for the ``k``-th restart (1-based); ``chains_lagging``: the energy
+    gap had run away with E(real) below E(fake), the samples unable to follow the model."""
+    action = RecoveryAction(restart=k, new_seed=base_seed + 1000 * k, lr_factor=0.5, rewarm=True)
+    if chains_lagging and k <= 2:
+        action.sgld_step_size_factor = SGLD_STEP_SIZE_FACTOR
+    if k == 2:
         action.sgld_steps_factor = 2
-    elif k == 4:
+    elif k == 3:
         action.reset_buffer = True
-        action.lr_factor = 0.5
     return action
 
 
@@ -282,6 +294,7 @@ class RecoveryState:
     restarts: list[dict[str, Any]] = field(default_factory=list)
     lr_scale: float = 1.0
     sgld_steps_factor: int = 1
+    sgld_step_size_scale: float = 1.0
     warmup_from: int = 0
     memory: list[GoodState] = field(default_factory=list)
     memory_ring: int = 5
@@ -325,22 +338,33 @@ class RecoveryState:
         rollback's target if no healthy check has followed it (that state led here again)."""
         return onset if self.last_target is None else min(onset, self.last_target - 1)
 
-    def next_action(self, base_seed: int) -> RecoveryAction:
+    def next_action(self, base_seed: int, chains_lagging: bool = False) -> RecoveryAction:
         """The action of the next restart."""
-        return recovery_action(len(self.restarts) + 1, base_seed)
+        return recovery_action(len(self.restarts) + 1, base_seed, chains_lagging)
 
     def apply(self, action: RecoveryAction) -> None:
-        """Make ``action``'s lr and SGLD-step changes cumulative with the earlier ones."""
+        """Make ``action``'s lr and SGLD changes cumulative with the earlier ones."""
         self.lr_scale *= action.lr_factor
         self.sgld_steps_factor *= action.sgld_steps_factor
+        self.sgld_step_size_scale *= action.sgld_step_size_factor
+
+    def set_sampler(self, sampler: Any, base_n_steps: int, base_step_size: float | None) -> None:
+        """Set ``sampler``'s steps and step size to the base values times the restarts' factors."""
+        if sampler is None:
+            return
+        sampler.n_steps = base_n_steps * self.sgld_steps_factor
+        if base_step_size is not None and hasattr(sampler, "step_size"):
+            sampler.step_size = base_step_size * self.sgld_step_size_scale
 
     def state_dict(self) -> dict[str, Any]:
         return {"restarts": list(self.restarts), "lr_scale": self.lr_scale,
-                "sgld_steps_factor": self.sgld_steps_factor, "warmup_from": self.warmup_from}
+                "sgld_steps_factor": self.sgld_steps_factor, "sgld_step_size_scale": self.sgld_step_size_scale,
+                "warmup_from": self.warmup_from}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.lr_scale = float(state["lr_scale"])
         self.sgld_steps_factor = int(state["sgld_steps_factor"])
+        self.sgld_step_size_scale = float(state.get("sgld_step_size_scale", 1.0))
         self.warmup_from = int(state.get("warmup_from", 0))
 
 
@@ -368,20 +392,22 @@ def choose_target(memory: list[GoodState], ring: list[Path], limit: int, read: C
     raise LookupError("no usable good state to roll back to")
 
 
-def restart(rec: RecoveryState, base_seed: int, diverged_at: int, cause: str, onset: int,
+def restart(rec: RecoveryState, base_seed: int, diverged_at: int, cause: str, monitor: DivergenceMonitor,
             roll_back: Callable[[int, RecoveryAction], int], reseed: Callable[[int], None],
-            sampler: Any | None, base_n_steps: int, reset_buffer: Callable[[], None]) -> dict[str, Any]:
+            sampler: Any | None, base_n_steps: int, base_step_size: float | None,
+            reset_buffer: Callable[[], None]) -> dict[str, Any]:
     """Carry out the next restart of the policy; returns its event (also appended to ``rec.restarts``).
 
-    ``onset`` is the iteration the divergence began at (:meth:`DivergenceMonitor.onset`);
-    ``roll_back(limit, action)`` restores the newest good state at or before iteration ``limit``
-    (:meth:`RecoveryState.target_limit`; the action's lr and SGLD-step factors are already in
+    ``monitor`` dates the divergence (:meth:`DivergenceMonitor.onset`) and says whether the
+    chains lagged; ``roll_back(limit, action)`` restores the newest good state at or before
+    iteration ``limit`` (:meth:`RecoveryState.target_limit`; the action's factors are already in
     ``rec``) and returns the iteration it was taken at; ``reseed(seed)`` reseeds every random
-    stream of the run; the sampler then runs ``base_n_steps`` x ``rec.sgld_steps_factor`` steps;
-    ``reset_buffer()`` re-initialises the replay buffer when the action says so. Logs one
-    warning line.
+    stream of the run; the sampler then runs ``base_n_steps`` and ``base_step_size`` times the
+    restarts' factors; ``reset_buffer()`` re-initialises the replay buffer when the action says
+    so. Logs one warning line.
     """
-    action = rec.next_action(base_seed)
+    onset = monitor.onset()
+    action = rec.next_action(base_seed, monitor.chains_lagging())
     rec.apply(action)
     rolled_back_to = roll_back(rec.target_limit(onset), action)
     rec.memory = [g for g in rec.memory if g.step <= rolled_back_to]  # the rest is an abandoned future
@@ -389,8 +415,7 @@ def restart(rec: RecoveryState, base_seed: int, diverged_at: int, cause: str, on
     if action.rewarm:
         rec.warmup_from = rolled_back_to
     reseed(action.new_seed)
-    if sampler is not None:
-        sampler.n_steps = base_n_steps * rec.sgld_steps_factor
+    rec.set_sampler(sampler, base_n_steps, base_step_size)
     if action.reset_buffer:
         reset_buffer()
     event = {"event": "restart", "restart": action.restart, "step": diverged_at, "onset": onset,

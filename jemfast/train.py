@@ -274,7 +274,7 @@ class Trainer:
         apply_optimizer_settings(self.cfg, self.optimizer)
         self.recovery.checkpointed(ckpt, path, self.progress.step)
         self._reapply_lost_restarts(lost)
-        self.sampler.n_steps = self.cfg.sampler.n_steps * self.recovery.sgld_steps_factor
+        self.recovery.set_sampler(self.sampler, self.cfg.sampler.n_steps, self.cfg.sampler.step_size)
         log.info(f"resuming from {path} (epoch {self.progress.epoch}, iteration {self.progress.step})")
         return self.progress.step
 
@@ -304,8 +304,8 @@ class Trainer:
             raise DivergenceExhausted(
                 f"training diverged at iteration {p.step} ({cause}) after "
                 f"{len(rec.restarts)} restart(s); last good checkpoint: {rec.last_good}")
-        event = restart(rec, self.cfg.run.seed, p.step, cause, self.monitor.onset(), self._roll_back, self._reseed,
-                        self.sampler, self.cfg.sampler.n_steps, self.buffer.reset)
+        event = restart(rec, self.cfg.run.seed, p.step, cause, self.monitor, self._roll_back, self._reseed,
+                        self.sampler, self.cfg.sampler.n_steps, self.cfg.sampler.step_size, self.buffer.reset)
         self.save_checkpoint()  # the restarted state: what --resume continues if the process dies now
         self.metrics.write(event)
         self.bar.n = p.step

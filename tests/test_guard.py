@@ -107,12 +107,14 @@ def test_injected_divergence_rolls_back_bit_exactly_and_training_continues():
     # the guard's own testing aid blows the model up after step 23, the library function before 48
     f, guard, losses, acc = user_loop(80, inject_at=(48,), on_rollback=on_rollback, inject_divergence=23)
     assert seen == [1, 2]
-    # the first blow-up is sudden: back to the last check; the second (48) follows a gap that had been
-    # doubling since the check at 40 (measured): back to where that began
-    assert [(e["restart"], e["step"], e["rolled_back_to"]) for e in guard.restarts] == [(1, 25, 20), (2, 50, 40)]
-    assert [e["onset"] for e in guard.restarts] == [20, 40]
+    # the first blow-up is sudden: back to the last check before it; each rollback lands on the
+    # divergence's onset (the second's may be a check earlier, where a gap that had been doubling began)
+    assert [(e["restart"], e["step"], e["rolled_back_to"]) for e in guard.restarts][0] == (1, 25, 20)
+    assert guard.restarts[1]["step"] == 50 and guard.restarts[1]["rolled_back_to"] in (40, 45)
+    assert all(e["rolled_back_to"] == e["onset"] for e in guard.restarts)
     assert [e["action"] for e in guard.restarts] == [recovery_action(k, 0).describe() for k in (1, 2)]
-    assert guard.lr_scale == 0.5 and guard.restarts[0]["event"] == "restart"
+    assert guard.lr_scale == recovery_action(1, 0).lr_factor * recovery_action(2, 0).lr_factor
+    assert guard.restarts[0]["event"] == "restart"
     assert all(torch.isfinite(p).all() for p in f.parameters())
     assert all(torch.isfinite(v) and abs(v) < 10 for v in losses[-10:])
     calm_acc = user_loop(80)[3]  # measured: 0.84 calm, 0.88 with the two rollbacks
@@ -187,13 +189,13 @@ def test_policy_is_the_trainers_and_exhaustion_raises(buffer_kind):
         action = recovery_action(k, 7)
         assert guard.restarts[-1]["action"] == action.describe()
         assert opt.param_groups[0]["lr"] == pytest.approx(lr * action.lr_factor)
-        assert sampler.n_steps == (10 if k >= 3 else 5)
+        assert sampler.n_steps == (10 if k >= 2 else 5)  # restart 2 doubles the steps
         if buffer_kind == "replay":
             data = buffer.data  # a ReplayBuffer may hold a new tensor after a restore
-        if buffer is not None and k < 4:
+        if buffer is not None and not action.reset_buffer:
             assert torch.equal(data, torch.full_like(data, k))  # restored
-        elif buffer is not None:  # restart 4 re-initialises it to U(-1, 1)
-            assert data.abs().amax() <= 1 and data.unique().numel() > 10
+        elif buffer is not None:  # restart 3 re-initialises it to U(-1, 1)
+            assert k == 3 and data.abs().amax() <= 1 and data.unique().numel() > 10
     if buffer_kind == "tensor":
         assert buffer.data_ptr() == ptr  # the user's tensor, restored and re-initialised in place
     guard.step(train_once(model, opt, value=0.25))
@@ -243,20 +245,22 @@ def test_recurring_divergence_goes_further_back_in_the_on_disk_ring(tmp_path, wi
 
 def test_state_dict_continues_the_policy_in_a_new_process(tmp_path):
     model, opt, buffer, sampler, guard = synthetic()
-    for _ in range(3):  # restarts 1-3: lr x0.5, SGLD steps x2
+    for _ in range(3):  # restarts 1-3: lr x0.5 each, SGLD steps x2 at the second
         guard.step(train_once(model, opt))
         guard.step(float("nan"))
+    scale = recovery_action(1, 7).lr_factor * recovery_action(2, 7).lr_factor * recovery_action(3, 7).lr_factor
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "guard": guard.state_dict()}, tmp_path / "c.pt")
     saved = torch.load(tmp_path / "c.pt", weights_only=True)
     model2, opt2, buffer2, sampler2, guard2 = synthetic()  # a fresh process: SGLD(n_steps=5) again
     model2.load_state_dict(saved["model"])
     opt2.load_state_dict(saved["opt"])
     guard2.load_state_dict(saved["guard"])
-    assert (guard2.restarts, guard2.lr_scale, guard2.iteration) == (guard.restarts, 0.5, 6)
-    assert sampler2.n_steps == 10 and opt2.param_groups[0]["lr"] == 0.05
+    assert (guard2.restarts, guard2.lr_scale, guard2.iteration) == (guard.restarts, scale, 6)
+    assert sampler2.n_steps == 10 and opt2.param_groups[0]["lr"] == pytest.approx(0.1 * scale)
     guard2.step(float("nan"))  # restart 4 follows, back to the loaded state
     assert guard2.restarts[-1]["action"] == recovery_action(4, 7).describe()
-    assert guard2.restarts[-1]["rolled_back_to"] == 6 and opt2.param_groups[0]["lr"] == 0.025
+    assert guard2.restarts[-1]["rolled_back_to"] == 6
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.1 * scale * recovery_action(4, 7).lr_factor)
     assert all(torch.equal(v, saved["model"][k]) for k, v in model2.state_dict().items())
 
 

@@ -70,6 +70,7 @@ def test_smoke_test_end_to_end(tmp_path):
     csv_lines = (exp / "results.csv").read_text().splitlines()
     assert len(csv_lines) == 5 and csv_lines[0].startswith("rank,trial_id,status,score")
     assert (exp / "search.png").stat().st_size > 10_000
+    assert (exp / "stability_map.png").stat().st_size > 10_000
     cmd = (exp / "best_command.txt").read_text().strip()
     assert cmd.startswith("python -m jemfast.train ") and "--inject-divergence" not in cmd
     assert cmd in res.stdout

@@ -73,6 +73,8 @@ def _main(argv: Sequence[str] | None) -> int:
     tune = _import_ray()
     name = default_name(opts, overrides)
     storage, exp_dir = experiment_dir(opts, name)
+    if opts.report:
+        return _report(exp_dir, opts)
     if opts.resume:
         plan = _saved_plan(exp_dir, tune)
     else:
@@ -95,14 +97,15 @@ def _main(argv: Sequence[str] | None) -> int:
             import ray
 
             ray.shutdown()
-    out = write_outputs(exp_dir, plan, rows)
+    out = write_outputs(exp_dir, plan, rows, opts.map_axes)
     wall = time.perf_counter() - t0
     counts = {s: sum(r["status"] == s for r in out["rows"]) for s in STATUSES}
     # results go to stdout (what the command produces); diagnostics go through logging to stderr
     print(f"{len(rows)} trials in {wall:.0f} s: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
           + f"; results: {out['csv']}")
-    if out["png"]:
-        print(f"search plot: {out['png']}")
+    for key, what in (("png", "search plot"), ("stability_map", "stability map")):
+        if out[key]:
+            print(f"{what}: {out[key]}")
     if stop.signum is not None:
         print(f"interrupted: experiment state saved in {exp_dir}; continue with: "
               f"{PROG} --resume --storage-path {storage} --name {name}")
@@ -114,6 +117,24 @@ def _main(argv: Sequence[str] | None) -> int:
     print(f"best: trial {b['trial_id']} score {b['score']:.4f} (valid_acc {b['valid_acc']:.4f}, "
           f"quality {b['quality']:.3f}, {b['restarts']} restart(s), {b['status']})")
     print(f"best command (also in {exp_dir / 'best_command.txt'}):\n{out['command']}")
+    return 0
+
+
+def _report(exp_dir: Any, opts: TuneOptions) -> int:
+    """``--report``: rewrite an experiment's table and pictures from its saved results."""
+    from .run import saved_rows, write_outputs
+
+    if not is_ours(exp_dir) or not (exp_dir / "results.json").is_file():
+        raise UserError(f"--report: no finished jemfast.tune experiment (results.json) in {exp_dir}")
+    plan = json.loads((exp_dir / PLAN_FILE).read_text(encoding="utf-8"))
+    try:
+        out = write_outputs(exp_dir, plan, saved_rows(exp_dir), opts.map_axes)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    print(f"{len(out['rows'])} trials; results: {out['csv']}")
+    for key, what in (("png", "search plot"), ("stability_map", "stability map")):
+        if out[key]:
+            print(f"{what}: {out[key]}")
     return 0
 
 

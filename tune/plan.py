@@ -21,6 +21,7 @@ from jemfast.schema import check_fields, given_values, option
 
 from .objective import ScoreWeights
 from .space import CORE, KEYS, PBT_MUTABLE, build_space, key_of, read_space_file, space_to_json
+from .stability_map import map_axes
 
 PLAN_FILE = "jemfast_tune.json"  # marks a directory as an experiment made by jemfast.tune
 PLAN_VERSION = 2
@@ -95,6 +96,11 @@ class TuneOptions:
                           "--num-cpus and --verbose apply)", action="store_true", group=WHERE)
     overwrite: bool = option(False, "--overwrite", "replace an existing jemfast.tune experiment of that name "
                              "(never another directory)", action="store_true", group=WHERE)
+    map_axes: tuple[str, ...] = option((), "--map-axes", "the two searched parameters stability_map.png is drawn "
+                                       "over (default: the first two searched)", metavar="NAME1,NAME2", group=OTHER)
+    report: bool = option(False, "--report", "redraw the report (results table, search.png, stability_map.png) of "
+                          "the experiment --name in --storage-path from its results, without running anything",
+                          action="store_true", group=OTHER)
     smoke_test: bool = option(False, "--smoke-test", "4 small digits trials, 3 epochs each, one with an injected "
                               "divergence (about a minute on 2 CPU cores); other flags still apply",
                               action="store_true", group=OTHER)
@@ -151,6 +157,7 @@ def make_plan(opts: TuneOptions, overrides: dict[str, Any]) -> dict[str, Any]:
     given.update(_space_args(opts.space))
     named = {key_of(n) for n in given}
     space = build_space(base, given, fixed_by_flag={k for k in CORE if k in overrides and k not in named})
+    map_axes(space, opts.map_axes)  # a bad --map-axes fails now, not after the search
     cpus = opts.cpus_per_trial or smoke.get("cpus_per_trial", 1.0)
     gpus = opts.gpus_per_trial
     if gpus is None:

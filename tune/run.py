@@ -148,9 +148,11 @@ def result_rows(grid: Any) -> list[dict[str, Any]]:
             for i in range(len(grid))]
 
 
-def write_outputs(exp_dir: Path, plan: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """results.csv/json, best_command.txt and search.png. Returns what was written."""
+def write_outputs(exp_dir: Path, plan: dict[str, Any], rows: list[dict[str, Any]],
+                  map_axes: tuple[str, ...] = ()) -> dict[str, Any]:
+    """results.csv/json, best_command.txt, search.png and stability_map.png. Returns what was written."""
     from .results import best_command, best_row, plot_search, sort_rows, write_table
+    from .stability_map import plot_stability_map
 
     rows = sort_rows(rows)
     best = best_row(rows)
@@ -162,5 +164,18 @@ def write_outputs(exp_dir: Path, plan: dict[str, Any], rows: list[dict[str, Any]
     csv_path, json_path = write_table(rows, exp_dir, extra)
     if cmd:
         (exp_dir / "best_command.txt").write_text(cmd + "\n", encoding="utf-8")
-    png = plot_search(rows, space_from_json(plan["space"]), exp_dir / "search.png")
-    return {"rows": rows, "best": best, "command": cmd, "csv": csv_path, "json": json_path, "png": png}
+    space = space_from_json(plan["space"])
+    png = plot_search(rows, space, exp_dir / "search.png")
+    stability = plot_stability_map(rows, space, exp_dir / "stability_map.png", map_axes)
+    return {"rows": rows, "best": best, "command": cmd, "csv": csv_path, "json": json_path, "png": png,
+            "stability_map": stability}
+
+
+def saved_rows(exp_dir: Path) -> list[dict[str, Any]]:
+    """The results-table rows an experiment's results.json holds (NaN restored for nulls)."""
+    import json
+    import math
+
+    trials = json.loads((exp_dir / "results.json").read_text(encoding="utf-8"))["trials"]
+    return [{k: (math.nan if v is None and k not in ("restarts", "epoch", "step") else v) for k, v in t.items()
+             if k != "rank"} for t in trials]

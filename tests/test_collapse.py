@@ -1,0 +1,80 @@
+"""The collapse tests on per-check means (jemfast.collapse) and the in-memory good states they
+roll back to (jemfast.stability.RecoveryState)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from jemfast.collapse import IntervalStats, accuracy_collapsed, gap_drifting, onset
+from jemfast.stability import GoodState, RecoveryState, choose_target
+
+# Measured (10-iteration means of E(real) - E(fake) and the grad norm) on the natural-divergence
+# benchmark's setting at lr 1e-4 (WRN-10-2 without normalisation, digits32, 5 SGLD steps): the
+# relative tests flagged it at iteration 70.
+NATURAL = [(10, -0.006, 0.35), (20, -0.010, 0.38), (30, -0.06, 0.53), (40, -0.18, 0.90), (50, -0.55, 2.2),
+           (60, -1.9, 7.0), (70, -4.0, 15.5)]
+
+
+def series(rows):
+    return [IntervalStats(step, gap, grad) for step, gap, grad in rows]
+
+
+def test_the_measured_collapse_is_flagged_a_check_early_and_dated_to_its_start():
+    flagged = [step for k, (step, _, _) in enumerate(NATURAL) if gap_drifting(series(NATURAL[:k + 1]))]
+    assert flagged[0] == 60  # |gap| above 1 nat after two intervals of at least doubling
+    # the gap had been doubling since after iteration 20 (0.006 -> 0.010 is below the 0.05-nat floor)
+    assert onset(series(NATURAL[:6])) == 20
+
+
+def test_a_healthy_gap_that_wanders_or_changes_sign_does_not_drift():
+    wandering = [(10 * i, g, 1.0) for i, g in enumerate([0.3, -0.5, 1.2, -2.6, 0.4, 1.1, -2.3, 0.2], 1)]
+    assert not any(gap_drifting(series(wandering[:k + 1])) for k in range(len(wandering)))
+    small = [(10 * i, -0.1 * 2 ** i, 1.0) for i in range(1, 4)]  # doubling, but still under 1 nat
+    assert not gap_drifting(series(small))
+
+
+def test_onset_of_a_sudden_blow_up_is_the_last_check_and_nan_counts_as_growth():
+    rows = [(10, 0.3, 1.0), (20, 0.2, 1.1), (30, 0.25, 0.9), (40, math.nan, math.nan)]
+    assert onset(series(rows)) == 30
+    assert onset(series(rows[-1:])) == -1  # nothing kept before it
+
+
+def test_accuracy_falling_to_chance_after_learning():
+    accs = [0.1, 0.4, 0.7, 0.8, 0.12, 0.1]
+    rows = [IntervalStats(10 * i, 0.0, 1.0, a) for i, a in enumerate(accs, 1)]
+    assert [accuracy_collapsed(rows[:k + 1], 10) for k in range(len(rows))] == [False] * 5 + [True]
+    assert not accuracy_collapsed(rows, None)
+    never = [IntervalStats(10 * i, 0.0, 1.0, a) for i, a in enumerate([0.1, 0.12, 0.3, 0.1, 0.1], 1)]
+    assert not accuracy_collapsed(never, 10)  # never learned: nothing fell
+
+
+def state(step: int) -> dict:
+    return {"w": torch.full((3,), float(step))}
+
+
+def test_the_memory_ring_thins_with_age_and_keeps_the_first_state():
+    rec = RecoveryState(memory_ring=5)
+    for step in range(0, 1001, 10):
+        rec.checkpointed(state(step), None, step)
+    steps = [g.step for g in rec.memory]
+    assert steps[0] == 1000 and steps[-1] == 0 and len(steps) == 5
+    gaps = [a - b for a, b in zip(steps, steps[1:])]
+    assert gaps == sorted(gaps), steps  # older states further apart
+    assert all(torch.equal(g.state["w"], torch.full((3,), float(g.step))) for g in rec.memory)
+
+
+def test_choose_target_takes_the_newest_state_at_or_before_the_limit(tmp_path):
+    ring = []
+    for step in (15, 35):
+        path = tmp_path / f"good-{step:09d}.pt"
+        torch.save(state(step), path)
+        ring.append(path)
+    memory = [GoodState(40, state(40)), GoodState(30, state(30)), GoodState(0, state(0))]
+    read = lambda p: torch.load(p, weights_only=True)  # noqa: E731
+    assert choose_target(memory, ring, 38, read, (OSError,))[0] == 35  # the file is newer than memory's 30
+    assert choose_target(memory, ring, 30, read, (OSError,))[0] == 30
+    assert choose_target(memory, ring, 12, read, (OSError,))[0] == 0
+    (tmp_path / "good-000000035.pt").write_bytes(b"torn")
+    assert choose_target(memory, ring, 38, read, (Exception,))[0] == 30  # unusable: the next older
+    assert choose_target(memory[:2], [], -1, read, (OSError,))[0] == 30  # none that old: the oldest kept
