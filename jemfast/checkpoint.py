@@ -43,7 +43,8 @@ from .config import Config
 from .buffer import ReplayBuffer
 from .errors import UserError
 from .sgld import SGLD
-from .stability import RecoveryState, clone_state
+from .recovery import RecoveryState
+from .stability import clone_state
 
 FORMAT_VERSION = 2
 # Testing aid: seconds to pause between writing a checkpoint's bytes and renaming it into place.

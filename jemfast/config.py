@@ -144,7 +144,7 @@ class StabilityConfig:
     relative_window: int = option(200, "--relative-window", "iterations of history for --relative-z",
                                   lo=1, hi=100_000)
     relative_warmup: int = option(50, "--relative-warmup",
-                                  "iterations seen (again after each restart) before --relative-z applies",
+                                  "iterations seen before --relative-z applies (a rollback restores the history of the state it lands on)",
                                   lo=1, hi=100_000_000)
     good_ring: int = option(3, "--good-ring", "good checkpoints kept on disk", lo=1, hi=1000)
     snapshot_ring: int = option(5, "--snapshot-ring",

@@ -1,7 +1,7 @@
 """Divergence detection and rollback inside a training loop you wrote yourself: :class:`Guard`.
 
 The detection is :class:`jemfast.stability.DivergenceMonitor` (flags kept on the device, read
-every ``check_every`` iterations) and the recovery is :func:`jemfast.stability.restart`, the
+every ``check_every`` iterations) and the recovery is :func:`jemfast.recovery.restart`, the
 policy ``jemfast.train`` follows; this module adds what a foreign loop needs: snapshots of any
 model, optimizer and replay buffer (a jemfast ReplayBuffer or the original code's plain tensor).
 """
@@ -20,8 +20,8 @@ from .checkpoint import atomic_save
 from .config import Config, StabilityConfig, check_value
 from .errors import DivergenceExhausted
 from .log import get_logger
-from .stability import (DivergenceMonitor, RecoveryAction, RecoveryState, choose_target, clone_state, gradient_norm,
-                        inject_divergence, restart)
+from .recovery import RecoveryAction, RecoveryState, choose_target, restart
+from .stability import DivergenceMonitor, clone_state, gradient_norm, inject_divergence
 
 log = get_logger(__name__)
 FILE_FORMAT = 1  # of the guard-ITERATION.pt files and of Guard.state_dict()

@@ -1,5 +1,5 @@
 """The collapse tests on per-check means (jemfast.collapse) and the in-memory good states they
-roll back to (jemfast.stability.RecoveryState)."""
+roll back to (jemfast.recovery.RecoveryState)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import math
 import torch
 
 from jemfast.collapse import IntervalStats, accuracy_collapsed, gap_drifting, onset
-from jemfast.stability import GoodState, RecoveryState, choose_target
+from jemfast.recovery import GoodState, RecoveryState, choose_target
 
 # Measured (10-iteration means of E(real) - E(fake) and the grad norm) on the natural-divergence
 # benchmark's setting at lr 1e-4 (WRN-10-2 without normalisation, digits32, 5 SGLD steps): the

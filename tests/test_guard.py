@@ -12,7 +12,8 @@ from torch import nn
 
 import jemfast
 from jemfast.errors import DivergenceExhausted
-from jemfast.stability import inject_divergence, recovery_action
+from jemfast.recovery import recovery_action
+from jemfast.stability import inject_divergence
 
 BATCH, STEPS, CHECK = 32, 5, 5
 

@@ -8,7 +8,8 @@ import torch
 from jemfast.checkpoint import read_checkpoint
 from jemfast.config import StabilityConfig
 from jemfast.errors import DivergenceExhausted
-from jemfast.stability import DivergenceMonitor, recovery_action
+from jemfast.recovery import recovery_action
+from jemfast.stability import DivergenceMonitor
 from jemfast.train import main, train
 from tests.conftest import tiny_digits_config
 

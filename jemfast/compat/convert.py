@@ -26,7 +26,7 @@ from ..config import Config, build_config
 from ..errors import UserError
 from ..log import get_logger
 from ..rundir import holds_run, prepare_out, save_good_checkpoint
-from ..stability import RecoveryState
+from ..recovery import RecoveryState
 from . import keymap
 from .original_format import write_original
 
