@@ -1,14 +1,21 @@
-"""Quickstart speed (digits preset: CNN-64, batch 64, 20 SGLD steps) under CPU thread settings.
+"""Quickstart speed (digits preset: CNN-64, batch 64, 20 SGLD steps) by OpenMP wait policy, on a
+quiet machine and beside other work.
 
-Each setting runs in a fresh interpreter (libgomp reads ``OMP_WAIT_POLICY`` once, when torch is
-imported), rounds interleaved so every setting sees the same machine state. A worker times
-``JEMFAST_BENCH_ITERS`` (30) training iterations after 3 warm-up ones and reports iterations/s;
-the test prints median and range per setting with the 1-minute load average, and records them.
+Each policy runs in a fresh interpreter (libgomp reads its environment once, when torch is
+imported); a worker times ``JEMFAST_BENCH_ITERS`` (30) training iterations after 3 warm-up ones
+and reports iterations/s. Rounds are interleaved, policies in alternating order, so every policy
+sees the same machine state; the test prints median and range per policy and scenario, with the
+1-minute load average, and records them.
 
-Settings: ``torch default`` imports torch before jemfast (libgomp's default spin-then-sleep
-wait, torch's default thread count); ``jemfast auto`` is what ``python -m jemfast.train`` does
-(passive wait, ``--threads 0``); ``spin 10k`` is a shorter spin (``GOMP_SPINCOUNT``, default
-300000) with torch's threads; the others pin one thread with either wait policy.
+Policies: ``jemfast default`` is what ``python -m jemfast.train`` does (jemfast imported before
+torch: ``GOMP_SPINCOUNT=2000``, a short spin, then sleep); ``PASSIVE`` (sleep at once, jemfast's
+earlier default); ``libgomp default`` (torch imported first: spin 300,000 times); ``ACTIVE``
+(spin forever). All use torch's default thread count (2 here).
+
+Scenarios (``JEMFAST_BENCH_SCENARIOS``, comma list; CI's quick mode runs ``quiet,hog``):
+``quiet``; ``training`` beside a second digits training (jemfast default policy, looping);
+``trials`` beside two single-thread digits trainings (what a Ray Tune experiment with 2 trials of
+1 CPU each runs); ``hog`` beside one CPU-bound Python process.
 """
 from __future__ import annotations
 
@@ -18,37 +25,37 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
-# name -> (import torch before jemfast, OpenMP environment to set, --threads value or None)
-SETTINGS: dict[str, tuple[bool, dict[str, str], int | None]] = {
-    "torch default": (True, {}, None),
-    "jemfast auto": (False, {}, 0),
-    "spin 10k": (True, {"GOMP_SPINCOUNT": "10000"}, None),
-    "spin, 1 thread": (True, {}, 1),
-    "passive, 1 thread": (False, {"OMP_WAIT_POLICY": "PASSIVE"}, 1),
+OMP_VARS = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")
+# name -> (import torch before jemfast, OpenMP environment)
+POLICIES: dict[str, tuple[bool, dict[str, str]]] = {
+    "jemfast default": (False, {}),
+    "PASSIVE": (False, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    "libgomp default": (True, {}),
+    "ACTIVE": (False, {"OMP_WAIT_POLICY": "ACTIVE"}),
 }
+SCENARIOS = ("quiet", "training", "trials", "hog")
 
 
-def worker(torch_first: bool, threads: int | None, iters: int) -> None:
-    """Time ``iters`` digits-preset training iterations; print one JSON line."""
+def worker(torch_first: bool, iters: int, forever: bool = False) -> None:
+    """Time ``iters`` digits-preset training iterations; print one JSON line (``forever``: loop,
+    as background load)."""
     if torch_first:
         import torch  # noqa: F401  (libgomp reads the environment as it is now)
-    policy = os.environ.get("OMP_WAIT_POLICY", f"spin {os.environ.get('GOMP_SPINCOUNT', 'default')}")
-    import jemfast  # noqa: F401  (sets OMP_WAIT_POLICY=PASSIVE if unset, then imports torch)
+    import jemfast  # noqa: F401  (sets GOMP_SPINCOUNT unless a policy is set, then imports torch)
     import torch
 
-    if not torch_first:
-        policy = os.environ["OMP_WAIT_POLICY"]
     from jemfast.build import build_buffer, build_model, build_optimizer, build_sampler, seed_all
     from jemfast.config import Config, apply_preset
     from jemfast.data import load_data
     from jemfast.step import train_step
-    from jemfast.threads import configure_threads
+    from jemfast.threads import wait_policy
 
-    if threads is not None:
-        configure_threads(threads)
+    policy = "libgomp default (spin 300000)" if torch_first else wait_policy()
     cfg = Config()
     cfg.data.dataset = "digits"
     apply_preset(cfg)
@@ -59,48 +66,84 @@ def worker(torch_first: bool, threads: int | None, iters: int) -> None:
     opt, sampler = build_optimizer(cfg, model), build_sampler(cfg)
     buf = build_buffer(cfg, data.input_shape, data.n_classes, device)
     batches = list(data.train.batches(cfg.optim.batch_size, 0, 0, drop_last=True))
-    for i in range(3 + iters):
+    i = 0
+    while forever or i < 3 + iters:
         if i == 3:
             t0 = time.perf_counter()
         x, y = batches[i % len(batches)]
         train_step(cfg, model, opt, sampler, buf, data.prepare_train(x), y, data.n_classes)
+        i += 1
     wall = time.perf_counter() - t0
-    print(json.dumps({"it_per_s": iters / wall, "threads": torch.get_num_threads(),
-                      "wait_policy": policy}))
+    print(json.dumps({"it_per_s": iters / wall, "threads": torch.get_num_threads(), "wait_policy": policy}))
 
 
-def run_setting(name: str, iters: int) -> dict:
-    torch_first, omp_env, threads = SETTINGS[name]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
+def _code(torch_first: bool, iters: int, forever: bool = False) -> list[str]:
+    return [sys.executable, "-c", "import sys; sys.path.insert(1, 'bench'); import test_quickstart_speed as q; "
+            f"q.worker({torch_first}, {iters}, {forever})"]
+
+
+def _env(omp_env: dict[str, str], threads: int | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in OMP_VARS}
     env.update(omp_env)
-    code = ("import sys; sys.path.insert(1, 'bench'); import test_quickstart_speed as q; "
-            f"q.worker({torch_first}, {threads}, {iters})")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+@contextmanager
+def background(scenario: str) -> Iterator[None]:
+    """The scenario's other processes, running while the block runs (killed after)."""
+    procs = []
+    if scenario == "training":
+        procs.append(subprocess.Popen(_code(False, 0, True), cwd=REPO, env=_env({})))
+    elif scenario == "trials":
+        procs += [subprocess.Popen(_code(False, 0, True), cwd=REPO, env=_env({}, threads=1)) for _ in range(2)]
+    elif scenario == "hog":
+        procs.append(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
+    try:
+        if procs:
+            time.sleep(8)  # past their start-up: the load is on
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def run_policy(name: str, iters: int) -> dict:
+    torch_first, omp_env = POLICIES[name]
+    proc = subprocess.run(_code(torch_first, iters), cwd=REPO, env=_env(omp_env), capture_output=True, text=True,
                           timeout=1200)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return {**json.loads(proc.stdout.strip().splitlines()[-1]), "load_1min": os.getloadavg()[0]}
 
 
-def test_quickstart_iterations_per_second_by_thread_setting(record_property):
-    rounds = int(os.environ.get("JEMFAST_BENCH_ROUNDS", "3"))
+def test_quickstart_iterations_per_second_by_wait_policy_and_load(record_property):
+    rounds = int(os.environ.get("JEMFAST_BENCH_ROUNDS", "1"))
     iters = int(os.environ.get("JEMFAST_BENCH_ITERS", "30"))
-    results: dict[str, list[dict]] = {name: [] for name in SETTINGS}
-    for r in range(rounds):
-        order = list(SETTINGS) if r % 2 == 0 else list(reversed(SETTINGS))  # no setting always first
-        for name in order:
-            results[name].append(run_setting(name, iters))
-    print(f"\ndigits preset, {iters} iterations per run, {rounds} interleaved rounds, "
-          f"{os.cpu_count()} CPUs (it/s: median [min, max]; load = 1-min load average during the runs)")
-    medians = {}
-    for name, runs in results.items():
-        rates = [run["it_per_s"] for run in runs]
-        medians[name] = statistics.median(rates)
-        loads = [run["load_1min"] for run in runs]
-        print(f"  {name:20s} {medians[name]:6.2f} it/s [{min(rates):.2f}, {max(rates):.2f}]  "
-              f"threads {runs[0]['threads']}, wait {runs[0]['wait_policy']}, load {min(loads):.1f}-{max(loads):.1f}")
-        record_property(f"it_per_s[{name}]", medians[name])
-        assert all(rate > 0 for rate in rates)
-    assert results["jemfast auto"][0]["wait_policy"] == "PASSIVE"  # the settings took effect
-    assert results["torch default"][0]["wait_policy"] == "spin default"
-    print(f"  jemfast auto / torch default: {medians['jemfast auto'] / medians['torch default']:.2f}x")
+    scenarios = os.environ.get("JEMFAST_BENCH_SCENARIOS", "quiet,hog").split(",")
+    assert set(scenarios) <= set(SCENARIOS), scenarios
+    print(f"\ndigits preset, {iters} iterations per run, {rounds} interleaved round(s), {os.cpu_count()} CPUs "
+          f"(it/s: median [min, max]; load = 1-min load average)")
+    for scenario in scenarios:
+        results: dict[str, list[dict]] = {name: [] for name in POLICIES}
+        with background(scenario):
+            for r in range(rounds):
+                for name in (list(POLICIES) if r % 2 == 0 else list(reversed(POLICIES))):
+                    results[name].append(run_policy(name, iters))
+        medians = {name: statistics.median(run["it_per_s"] for run in runs) for name, runs in results.items()}
+        print(f" {scenario}:")
+        for name, runs in results.items():
+            rates = [run["it_per_s"] for run in runs]
+            loads = [run["load_1min"] for run in runs]
+            print(f"  {name:16s} {medians[name]:6.2f} it/s [{min(rates):.2f}, {max(rates):.2f}]  "
+                  f"wait {runs[0]['wait_policy']}, load {min(loads):.1f}-{max(loads):.1f}")
+            record_property(f"it_per_s[{scenario}][{name}]", medians[name])
+            assert all(rate > 0 for rate in rates)
+        best = max(medians.values())
+        print(f"  jemfast default / fastest: {medians['jemfast default'] / best:.2f}; "
+              f"/ PASSIVE: {medians['jemfast default'] / medians['PASSIVE']:.2f}")
+        # the settings took effect in each worker
+        assert results["jemfast default"][0]["wait_policy"] == "GOMP_SPINCOUNT=2000"
+        assert results["PASSIVE"][0]["wait_policy"] == "OMP_WAIT_POLICY=PASSIVE"
+        assert results["libgomp default"][0]["wait_policy"].startswith("libgomp default")

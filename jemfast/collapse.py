@@ -13,10 +13,9 @@ level with both signs. So, on the means over each check interval (:class:`Interv
 - **accuracy collapse**: train accuracy once reached :data:`LEARNED_ACC` (and 3x chance) and
   has fallen to at most 1.5x chance in the last two intervals.
 
-:func:`onset` dates the collapse: the start of the run of intervals, ending at the detection, in
-which ``|gap|`` (above :data:`ONSET_GAP_FLOOR`) or the gradient norm kept growing, each interval
-by more than :data:`ONSET_GROWTH` (a non-finite value counts as growth). A
-rollback target counts as good only if it was taken at or before that step.
+:func:`onset` dates the collapse: the start of the run of abnormal intervals that ends at the
+detection (``|gap|`` or the gradient norm more than doubling per interval, or ``|gap|`` above a
+nat). A rollback target counts as good only if it was taken at or before that step.
 """
 from __future__ import annotations
 
@@ -67,21 +66,32 @@ def accuracy_collapsed(series: list[IntervalStats], n_classes: int | None) -> bo
 
 def onset(series: list[IntervalStats]) -> int:
     """The iteration the collapse detected in the last interval of ``series`` began at: the end
-    of the last interval before the run of growing intervals that leads up to the detection (the
+    of the last interval before the run of abnormal intervals that leads up to the detection (the
     detecting interval is in the run whatever its values: a NaN loss need not show in the gap).
-    -1 when the run reaches back to the first interval kept, or there is no interval before it.
-    Whichever of the two signals grew first dates the collapse."""
+    An interval is abnormal when ``|gap|`` (above :data:`ONSET_GAP_FLOOR`) or the gradient norm
+    more than doubled over the one before it, or ``|gap|`` is above :data:`DRIFT_FLOOR`: deep in
+    a collapse the values stop growing steadily and swing (measured), but a healthy gap stays
+    under a nat. Whichever signal's run starts first dates the collapse. -1 when the run reaches
+    back to the first interval kept (the first is judged by its ``|gap|`` alone), or there is no
+    interval before the detecting one."""
+    def gap_abnormal(before: IntervalStats | None, after: IntervalStats) -> bool:
+        return abs(after.gap) >= DRIFT_FLOOR or (before is not None and
+                                                  _grew(abs(before.gap), abs(after.gap), ONSET_GAP_FLOOR))
+
+    def grad_abnormal(before: IntervalStats | None, after: IntervalStats) -> bool:
+        return before is not None and _grew(before.grad_norm, after.grad_norm, 0.0)
+
     starts = []
-    for value, floor in ((lambda s: abs(s.gap), ONSET_GAP_FLOOR), (lambda s: s.grad_norm, 0.0)):
+    for abnormal in (gap_abnormal, grad_abnormal):
         j = len(series) - 2  # the interval before the detecting one
-        while j >= 1 and _grew(value(series[j - 1]), value(series[j]), floor):
+        while j >= 0 and abnormal(series[j - 1] if j else None, series[j]):
             j -= 1
-        starts.append(j if j >= 1 or len(series) == 2 else -1)
+        starts.append(j)
     first = min(starts)
     return series[first].step if first >= 0 else -1
 
 
 def _grew(before: float, after: float, floor: float) -> bool:
-    if not math.isfinite(after):
+    if not math.isfinite(after) or not math.isfinite(before):
         return True
-    return math.isfinite(before) and after > max(ONSET_GROWTH * before, floor)
+    return after > max(ONSET_GROWTH * before, floor)

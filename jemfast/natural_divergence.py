@@ -88,13 +88,15 @@ def run_one(cfg: Config, seed: int, mode: str) -> dict[str, Any]:
     return {"seed": seed, "mode": mode, "status": summary["status"], "restarts": len(restarts),
             "diverged": summary["status"] == "diverged" or bool(restarts),
             "detected_at": first["step"] if first else None, "cause": first["cause"] if first else "",
+            "stopped_at": stop["step"] if stop else None,
             "valid_acc": summary.get("valid_acc", math.nan), "test_acc": summary.get("test_acc", math.nan),
             "wall_s": time.perf_counter() - t0, "out": cfg.run.out}
 
 
 def outcome(row: dict[str, Any]) -> str:
     if row["status"] == "diverged":
-        return f"diverged (stopped at iteration {row['detected_at']})"
+        after = f" after {row['restarts']} restart(s)" if row["restarts"] else ""
+        return f"diverged{after} (stopped at iteration {row['stopped_at']})"
     if row["restarts"]:
         return f"recovered ({row['restarts']} restart(s), first at iteration {row['detected_at']})"
     return "stable" if row["status"] == "finished" else row["status"]

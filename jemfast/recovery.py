@@ -3,13 +3,16 @@
 Recovery policy (restart k = 1, 2, ...; effects persist across later restarts). Every restart
 rolls back to the newest good state at or before the divergence's onset
 (:meth:`DivergenceMonitor.onset`; the states: :class:`RecoveryState`), restores the relative
-tests' history of that state (:meth:`DivergenceMonitor.rewind`), reseeds all RNGs with a new
-seed, as the JEM paper does by hand, and starts the lr warm-up again from there; then:
+tests' history of that state (:meth:`DivergenceMonitor.rewind`) and reseeds all RNGs with a new
+seed, as the JEM paper does by hand. What else it changes depends on how the divergence came:
 
-    k = 1: lr x 0.5; SGLD step size x 10 if the chains lagged (E(real) ran below E(fake))
-    k = 2: lr x 0.5; SGLD steps x 2; SGLD step size x 10 if the chains lagged
-    k = 3: lr x 0.5; replay buffer re-initialised
-    k > 3: lr x 0.5
+- sudden (it appeared within one check interval): k = 1 new seed only; k = 2 lr x 0.5; k = 3
+  SGLD steps x 2 (the paper's "40 steps instead of 20"); k = 4 replay buffer re-initialised and
+  lr x 0.5; k > 4 lr x 0.5;
+- gradual (it built up over several checks: a natural collapse; a new seed from the same state
+  retraces it, measured): every restart lr x 0.5 and the lr warm-up again from the state rolled
+  back to; k = 1, 2 also SGLD step size x 10 if the chains lagged (E(real) ran below E(fake));
+  k = 2 SGLD steps x 2; k = 3 replay buffer re-initialised.
 
 A divergence that recurs before any later check passed rolls back further than the state it
 returned to last time (that state led here again).
@@ -67,16 +70,22 @@ class RecoveryAction:
         return ", ".join(parts)
 
 
-def recovery_action(k: int, base_seed: int, chains_lagging: bool = False) -> RecoveryAction:
-    """The documented action for the ``k``-th restart (1-based); ``chains_lagging``: the energy
-    gap had run away with E(real) below E(fake), the samples unable to follow the model."""
-    action = RecoveryAction(restart=k, new_seed=base_seed + 1000 * k, lr_factor=0.5, rewarm=True)
+def recovery_action(k: int, base_seed: int, gradual: bool = False, chains_lagging: bool = False) -> RecoveryAction:
+    """The documented action for the ``k``-th restart (1-based). ``gradual``: the divergence built
+    up over several checks (its onset is before the last check; a natural collapse), rather than
+    appearing within one interval; ``chains_lagging``: the energy gap ran away with E(real) below
+    E(fake), the samples unable to follow the model."""
+    action = RecoveryAction(restart=k, new_seed=base_seed + 1000 * k)
+    if not gradual:  # a sudden blow-up: first a new seed alone, as the paper does by hand
+        action.lr_factor = 1.0 if k in (1, 3) else 0.5
+        action.sgld_steps_factor = 2 if k == 3 else 1
+        action.reset_buffer = k == 4
+        return action
+    action.lr_factor, action.rewarm = 0.5, True  # the run's settings led here: a new seed alone retraces it
     if chains_lagging and k <= 2:
         action.sgld_step_size_factor = SGLD_STEP_SIZE_FACTOR
-    if k == 2:
-        action.sgld_steps_factor = 2
-    elif k == 3:
-        action.reset_buffer = True
+    action.sgld_steps_factor = 2 if k == 2 else 1
+    action.reset_buffer = k == 3
     return action
 
 
@@ -150,9 +159,9 @@ class RecoveryState:
         rollback's target if no healthy check has followed it (that state led here again)."""
         return onset if self.last_target is None else min(onset, self.last_target - 1)
 
-    def next_action(self, base_seed: int, chains_lagging: bool = False) -> RecoveryAction:
+    def next_action(self, base_seed: int, gradual: bool = False, chains_lagging: bool = False) -> RecoveryAction:
         """The action of the next restart."""
-        return recovery_action(len(self.restarts) + 1, base_seed, chains_lagging)
+        return recovery_action(len(self.restarts) + 1, base_seed, gradual, chains_lagging)
 
     def apply(self, action: RecoveryAction) -> None:
         """Make ``action``'s lr and SGLD changes cumulative with the earlier ones."""
@@ -219,7 +228,7 @@ def restart(rec: RecoveryState, base_seed: int, diverged_at: int, cause: str, mo
     so. Logs one warning line.
     """
     onset = monitor.onset()
-    action = rec.next_action(base_seed, monitor.chains_lagging())
+    action = rec.next_action(base_seed, monitor.gradual(onset), monitor.chains_lagging())
     rec.apply(action)
     rolled_back_to = roll_back(rec.target_limit(onset), action)
     rec.memory = [g for g in rec.memory if g.step <= rolled_back_to]  # the rest is an abandoned future

@@ -176,6 +176,10 @@ class DivergenceMonitor:
             return max((s for s in self._states if s < self.series[0].step), default=0)
         return began
 
+    def gradual(self, onset: int) -> bool:
+        """True when the divergence dated to ``onset`` built up over more than the last interval."""
+        return len(self.series) >= 2 and onset < self.series[-2].step
+
     def chains_lagging(self) -> bool:
         """True when the last interval's energy gap had run away below zero (E(real) under
         E(fake) by more than :data:`jemfast.collapse.DRIFT_FLOOR`): the samples could not follow."""

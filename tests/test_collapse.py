@@ -27,6 +27,15 @@ def test_the_measured_collapse_is_flagged_a_check_early_and_dated_to_its_start()
     assert onset(series(NATURAL[:6])) == 20
 
 
+# Measured on seed 3 of the benchmark (lr 1e-3): the gap swings in sign and stops growing steadily
+# once the collapse is deep (the first detection, by the absolute limits, came at iteration 50)
+SEED3 = [(10, -0.027, 0.42), (20, -2.93, 8.9), (30, 4.37, 913.0), (39, 33.9, 1440.0), (50, -637.0, 11800.0)]
+
+
+def test_a_swinging_collapse_is_dated_to_where_it_left_the_healthy_level():
+    assert onset(series(SEED3)) == 10
+
+
 def test_a_healthy_gap_that_wanders_or_changes_sign_does_not_drift():
     wandering = [(10 * i, g, 1.0) for i, g in enumerate([0.3, -0.5, 1.2, -2.6, 0.4, 1.1, -2.3, 0.2], 1)]
     assert not any(gap_drifting(series(wandering[:k + 1])) for k in range(len(wandering)))

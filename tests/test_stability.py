@@ -40,11 +40,19 @@ def test_monitor_flags_each_cause(kwargs, cause):
 
 
 def test_recovery_policy_order():
-    acts = [recovery_action(k, base_seed=7) for k in range(1, 7)]
+    acts = [recovery_action(k, base_seed=7) for k in range(1, 7)]  # a sudden blow-up
     assert [a.new_seed for a in acts] == [1007, 2007, 3007, 4007, 5007, 6007]
     assert [a.lr_factor for a in acts] == [1.0, 0.5, 1.0, 0.5, 0.5, 0.5]
     assert [a.sgld_steps_factor for a in acts] == [1, 1, 2, 1, 1, 1]
     assert [a.reset_buffer for a in acts] == [False, False, False, True, False, False]
+    assert not any(a.rewarm or a.sgld_step_size_factor != 1 for a in acts)
+    slow = [recovery_action(k, 7, gradual=True, chains_lagging=True) for k in range(1, 6)]  # a natural collapse
+    assert [a.new_seed for a in slow] == [1007, 2007, 3007, 4007, 5007]
+    assert all(a.lr_factor == 0.5 and a.rewarm for a in slow)
+    assert [a.sgld_step_size_factor for a in slow] == [10.0, 10.0, 1.0, 1.0, 1.0]
+    assert [a.sgld_steps_factor for a in slow] == [1, 2, 1, 1, 1]
+    assert [a.reset_buffer for a in slow] == [False, False, True, False, False]
+    assert recovery_action(1, 7, gradual=True).sgld_step_size_factor == 1.0  # the chains kept up
 
 
 def recovery_config(out, **kw):
