@@ -28,6 +28,7 @@ DRIFT_FLOOR = 1.0  # nats
 ONSET_GROWTH = 2.0  # per check interval: healthy learning does not double the gap or grad norm that fast
 ONSET_GAP_FLOOR = 0.05  # nats: a gap wandering near 0 doubles by chance
 LEARNED_ACC = 0.5
+SUDDEN_GROWTH = 1000.0  # per interval: beyond what a natural collapse does (x3 to x100, measured)
 
 
 @dataclass(frozen=True)

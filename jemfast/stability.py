@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from .collapse import DRIFT_FLOOR, IntervalStats, accuracy_collapsed, gap_drifting
+from .collapse import DRIFT_FLOOR, SUDDEN_GROWTH, IntervalStats, accuracy_collapsed, gap_drifting
 from .collapse import onset as collapse_onset
 from .config import StabilityConfig
 from .log import get_logger
@@ -177,8 +177,15 @@ class DivergenceMonitor:
         return began
 
     def gradual(self, onset: int) -> bool:
-        """True when the divergence dated to ``onset`` built up over more than the last interval."""
-        return len(self.series) >= 2 and onset < self.series[-2].step
+        """True when the divergence dated to ``onset`` built up over more than the last interval
+        and did not end in a jump of :data:`jemfast.collapse.SUDDEN_GROWTH` or more (or to NaN):
+        a natural collapse grows x3 to x100 per interval; a blow-up out of nowhere, as
+        ``--inject-divergence`` makes, x1e4 in one."""
+        if len(self.series) < 2 or onset >= self.series[-2].step:
+            return False
+        before, last = self.series[-2], self.series[-1]
+        return not any(not math.isfinite(b) or b > SUDDEN_GROWTH * max(a, 1e-12)
+                       for a, b in ((abs(before.gap), abs(last.gap)), (before.grad_norm, last.grad_norm)))
 
     def chains_lagging(self) -> bool:
         """True when the last interval's energy gap had run away below zero (E(real) under

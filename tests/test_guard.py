@@ -113,9 +113,8 @@ def test_injected_divergence_rolls_back_bit_exactly_and_training_continues():
     assert [(e["restart"], e["step"], e["rolled_back_to"]) for e in guard.restarts][0] == (1, 25, 20)
     assert guard.restarts[1]["step"] == 50 and guard.restarts[1]["rolled_back_to"] in (40, 45)
     assert all(e["rolled_back_to"] == e["onset"] for e in guard.restarts)
-    assert guard.restarts[0]["action"] == recovery_action(1, 0).describe()  # sudden: a new seed only
-    gradual = guard.restarts[1]["onset"] < 50 - CHECK  # built up over more than the last interval
-    assert guard.restarts[1]["action"] in {recovery_action(2, 0, gradual, lag).describe() for lag in (False, True)}
+    # both blow-ups are sudden (x1e4 in one interval): the paper's ladder, a new seed first
+    assert [e["action"] for e in guard.restarts] == [recovery_action(k, 0).describe() for k in (1, 2)]
     assert guard.lr_scale == recovery_action(1, 0).lr_factor * recovery_action(2, 0).lr_factor
     assert guard.restarts[0]["event"] == "restart"
     assert all(torch.isfinite(p).all() for p in f.parameters())
