@@ -74,7 +74,8 @@ def save_curves(metrics_path: Path, png_path: Path, title: str = "") -> Path | N
             ax.set_yscale("symlog", linthresh=1.0)
         ax.set_title(panel, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        if ax.get_legend_handles_labels()[0]:  # a panel may have nothing yet (no iteration line logged)
+            ax.legend(fontsize=7, loc="best")
     top = axes[0][0]
     for r in restarts:
         top.annotate(f"restart {r.get('restart', '?')}", (r["step"], 1.0), xycoords=("data", "axes fraction"),

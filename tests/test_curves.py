@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 from jemfast.curves import read_passes, save_curves
 from jemfast.train import train
@@ -24,6 +25,11 @@ def test_a_restart_starts_a_new_pass_from_the_iteration_rolled_back_to(tmp_path)
     assert passes[0]["valid_acc"] == [(20, 0.4)] and restarts[0]["rolled_back_to"] == 10
     png = save_curves(log, tmp_path / "curves.png")
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 20_000
+    epoch_only = tmp_path / "epoch_only.jsonl"  # valid accuracy only: the other panels stay empty, silently
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        write_log(epoch_only, [{"event": "epoch", "step": 20, "epoch": 1, "valid_acc": 0.4}])
+        assert save_curves(epoch_only, tmp_path / "epoch_only.png") is not None
     empty = tmp_path / "empty.jsonl"
     empty.write_text("", encoding="utf-8")
     assert save_curves(empty, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
