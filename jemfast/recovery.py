@@ -193,8 +193,8 @@ def choose_target(memory: list[GoodState], ring: list[Path], limit: int, read: C
                   unusable: tuple[type[BaseException], ...]) -> tuple[int, dict[str, Any] | T]:
     """The newest good state at or before iteration ``limit``, from ``memory`` or the on-disk
     ``ring`` (files named ``*-STEP.pt``), read with ``read``; a file it refuses with one of the
-    ``unusable`` errors is logged and the next older state tried. When none is that old, the
-    oldest kept (logged). Returns ``(step, state)``."""
+    ``unusable`` errors is logged and the next older state tried. When none that old is kept (or
+    usable), the later ones, oldest first (logged). Returns ``(step, state)``."""
     candidates = [(g.step, 1, g.state, None) for g in memory if g.state is not None]
     candidates += [(int(p.stem.rsplit("-", 1)[-1]), 0, None, p) for p in ring]
     candidates.sort(key=lambda c: (c[0], c[1]), reverse=True)  # newest first; memory before disk
@@ -202,8 +202,8 @@ def choose_target(memory: list[GoodState], ring: list[Path], limit: int, read: C
     if not eligible:
         log.warning(f"no good state is kept from before iteration {limit}, where the divergence began; "
                     f"rolling back to the oldest one kept")
-        eligible = candidates[::-1]
-    for step, _, state, path in eligible:
+    # then, should none of them be usable, the later ones, oldest first
+    for step, _, state, path in eligible + [c for c in candidates[::-1] if c[0] > limit]:
         if state is not None:
             return step, state
         try:

@@ -18,6 +18,7 @@ import torch
 from jemfast import load_checkpoint
 from jemfast.checkpoint import read_checkpoint, restore_training_state
 from jemfast.errors import UserError
+from jemfast.recovery import choose_target
 from jemfast.train import Trainer, train
 from tests.conftest import REPO, run_module, tiny_digits_config
 
@@ -209,9 +210,13 @@ def test_rollback_skips_a_bad_ring_checkpoint(trained, tmp_path):
     c = raw(ckpts / "good-000000015.pt")
     MUTATIONS["stride-0 optimizer state"][0](c)
     torch.save(c, ckpts / "good-000000015.pt")
-    assert trainer._rollback_target(1)["step"] == 0  # good-15 is skipped, good-0 is next
+    ring = sorted(ckpts.glob("good-*.pt"))
+    memory = trainer.recovery.memory  # the resumed state, iteration 19
+    step, state = choose_target(memory, ring, 15, trainer._read_good_checkpoint, (UserError,))
+    assert step == state["step"] == 0  # good-15 is skipped, good-0 is next
     torch.save({"format_version": 2}, ckpts / "good-000000000.pt")
-    assert trainer._rollback_target(1) is trainer.recovery.snapshot  # none left on disk
+    step, state = choose_target(memory, ring, 15, trainer._read_good_checkpoint, (UserError,))
+    assert step == 19 and state is trainer.recovery.snapshot  # none left on disk: the one in memory
     trainer.lock.release()
 
 
