@@ -35,6 +35,7 @@ import traceback
 import weakref
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -68,10 +69,16 @@ class SyncEvent:
         return f"{self.kind}: {self.op} ({self.why}) at {self.where}"
 
 
+_SOURCE_ROOT = str(Path(__file__).resolve().parents[2])  # the checkout: jemfast/, kernels/, tests/
+
+
 def _caller() -> str:
+    """``dir/file.py:line`` of the innermost frame in the project's own code (not an installed
+    package: a venv's path may contain "jemfast" too, or lie inside the checkout)."""
     for frame in reversed(traceback.extract_stack()[:-3]):
-        if ("jemfast" in frame.filename or "/tests/" in frame.filename) and not frame.filename.endswith("sync_check.py"):
-            return f"{frame.filename.rsplit('/', 2)[-2]}/{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}"
+        name = frame.filename
+        if name.startswith(_SOURCE_ROOT) and "site-packages" not in name and not name.endswith("sync_check.py"):
+            return f"{name.rsplit('/', 2)[-2]}/{name.rsplit('/', 1)[-1]}:{frame.lineno}"
     return "?"
 
 
