@@ -20,7 +20,7 @@ from .checkpoint import atomic_save
 from .config import Config, StabilityConfig, check_value
 from .errors import DivergenceExhausted
 from .log import get_logger
-from .recovery import RecoveryAction, RecoveryState, choose_target, restart
+from .recovery import RecoveryAction, RecoveryState, choose_target, restart, state_step
 from .stability import DivergenceMonitor, clone_state, gradient_norm, inject_divergence
 
 log = get_logger(__name__)
@@ -209,7 +209,7 @@ class Guard:
         self._restore(state, action.lr_factor)
         self.monitor.rewind(step)
         for path in ring:  # the states after it belong to the abandoned run
-            if int(path.stem.rsplit("-", 1)[-1]) > step:
+            if state_step(path) > step:
                 path.unlink(missing_ok=True)
         return step
 

@@ -189,6 +189,11 @@ class RecoveryState:
         self.warmup_from = int(state.get("warmup_from", 0))
 
 
+def state_step(path: Path) -> int:
+    """The iteration of a good-state file named ``*-STEP.pt`` (``good-000000040.pt``, ``guard-40.pt``)."""
+    return int(path.stem.rsplit("-", 1)[-1])
+
+
 def choose_target(memory: list[GoodState], ring: list[Path], limit: int, read: Callable[[Path], T],
                   unusable: tuple[type[BaseException], ...]) -> tuple[int, dict[str, Any] | T]:
     """The newest good state at or before iteration ``limit``, from ``memory`` or the on-disk
@@ -196,7 +201,7 @@ def choose_target(memory: list[GoodState], ring: list[Path], limit: int, read: C
     ``unusable`` errors is logged and the next older state tried. When none that old is kept (or
     usable), the later ones, oldest first (logged). Returns ``(step, state)``."""
     candidates = [(g.step, 1, g.state, None) for g in memory if g.state is not None]
-    candidates += [(int(p.stem.rsplit("-", 1)[-1]), 0, None, p) for p in ring]
+    candidates += [(state_step(p), 0, None, p) for p in ring]
     candidates.sort(key=lambda c: (c[0], c[1]), reverse=True)  # newest first; memory before disk
     eligible = [c for c in candidates if c[0] <= limit]
     if not eligible:

@@ -209,13 +209,6 @@ class DivergenceMonitor:
         self.interval.zero_()
         self.count = 0
 
-    def forget_before(self, step: int) -> None:
-        """No rollback can reach before ``step`` any more: drop the states recorded earlier
-        (the newest of them is kept, as the baseline of a rollback to ``step``)."""
-        older = [s for s in self._states if s <= step]
-        for s in sorted(older)[:-1]:
-            del self._states[s]
-
 
 def gradient_norm(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
     """Device scalar: the global L2 norm of ``model``'s parameter gradients now (0 if none)."""

@@ -35,7 +35,7 @@ from .resume import read_resume_checkpoint
 from .rundir import (drop_previous, mark_best, prepare_out, remove_stale_temp_files,
                      restore_previous, save_good_checkpoint, set_aside_previous, write_json)
 from .summary import existing_summary, run_summary, write_failure_summary
-from .recovery import RecoveryAction, RecoveryState, choose_target, recovery_action, restart
+from .recovery import RecoveryAction, RecoveryState, choose_target, recovery_action, restart, state_step
 from .stability import DivergenceMonitor, InjectDivergence
 from .step import accuracy, lr_at, set_lr, train_step
 from .threads import configure_threads
@@ -322,7 +322,7 @@ class Trainer:
         self.monitor.rewind(step)
         if distributed.is_main():
             for path in ring:
-                if int(path.stem.rsplit("-", 1)[-1]) > step:
+                if state_step(path) > step:
                     path.unlink(missing_ok=True)
         return step
 
