@@ -10,7 +10,8 @@ sees the same machine state; the test prints median and range per policy and sce
 Policies: ``jemfast default`` is what ``python -m jemfast.train`` does (jemfast imported before
 torch: ``GOMP_SPINCOUNT=2000``, a short spin, then sleep); ``PASSIVE`` (sleep at once, jemfast's
 earlier default); ``libgomp default`` (torch imported first: spin 300,000 times); ``ACTIVE``
-(spin forever). All use torch's default thread count (2 here).
+(spin forever); ``JEMFAST_BENCH_SPINS`` (comma list of spin counts) adds a
+``GOMP_SPINCOUNT=N`` policy for each. All use torch's default thread count (2 here).
 
 Scenarios (``JEMFAST_BENCH_SCENARIOS``, comma list; CI's quick mode runs ``quiet,hog``):
 ``quiet``; ``training`` beside a second digits training (jemfast default policy, looping);
@@ -38,6 +39,8 @@ POLICIES: dict[str, tuple[bool, dict[str, str]]] = {
     "libgomp default": (True, {}),
     "ACTIVE": (False, {"OMP_WAIT_POLICY": "ACTIVE"}),
 }
+POLICIES.update({f"GOMP_SPINCOUNT={n}": (False, {"GOMP_SPINCOUNT": n})
+                 for n in filter(None, os.environ.get("JEMFAST_BENCH_SPINS", "").split(","))})
 SCENARIOS = ("quiet", "training", "trials", "hog")
 
 
@@ -136,7 +139,7 @@ def test_quickstart_iterations_per_second_by_wait_policy_and_load(record_propert
         for name, runs in results.items():
             rates = [run["it_per_s"] for run in runs]
             loads = [run["load_1min"] for run in runs]
-            print(f"  {name:16s} {medians[name]:6.2f} it/s [{min(rates):.2f}, {max(rates):.2f}]  "
+            print(f"  {name:22s} {medians[name]:6.2f} it/s [{min(rates):.2f}, {max(rates):.2f}]  "
                   f"wait {runs[0]['wait_policy']}, load {min(loads):.1f}-{max(loads):.1f}")
             record_property(f"it_per_s[{scenario}][{name}]", medians[name])
             assert all(rate > 0 for rate in rates)

@@ -22,7 +22,8 @@ The recovery policy that answers a detection is in :mod:`jemfast.recovery`.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from bisect import bisect_right
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -167,6 +168,18 @@ class DivergenceMonitor:
     def mark_healthy(self, step: int) -> None:
         """Record the monitor's state as that of a good state at iteration ``step``."""
         self._states[step] = (self.history.clone(), self.seen, len(self.series))
+
+    def keep_states(self, steps: Iterable[int]) -> None:
+        """Forget the histories recorded at healthy checks except the newest one and, for each
+        of ``steps`` (the good states a rollback can still reach), the newest at or before it:
+        without this they pile up with every check (2 x 200 floats each, for the whole run)."""
+        have = sorted(self._states)
+        keep = set(have[-1:])
+        for step in steps:
+            k = bisect_right(have, step)
+            if k:
+                keep.add(have[k - 1])
+        self._states = {s: self._states[s] for s in keep}
 
     def onset(self) -> int:
         """The iteration the divergence just detected began at (:func:`jemfast.collapse.onset`);

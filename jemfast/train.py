@@ -259,6 +259,8 @@ class Trainer:
         state = self.state()
         path = self._write_checkpoint(state)  # OSError: see run()
         self.recovery.checkpointed(state, path, self.progress.step)
+        ring = (self.out / "checkpoints").glob("good-*.pt")
+        self.monitor.keep_states([g.step for g in self.recovery.memory] + [state_step(p) for p in ring])
         return None
 
     def _write_checkpoint(self, state: dict[str, Any]) -> Path:

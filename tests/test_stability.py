@@ -39,6 +39,21 @@ def test_monitor_flags_each_cause(kwargs, cause):
     assert mon.check() is None  # reading clears
 
 
+def test_monitor_keeps_only_the_histories_a_rollback_can_reach():
+    mon = DivergenceMonitor(StabilityConfig(), torch.device("cpu"))
+    for step in range(10, 101, 10):
+        observe(mon, e_real=-2.0 - step / 100)
+        assert mon.check(step) is None
+    assert len(mon._states) == 10
+    wanted = {s: mon._states[s][0].clone() for s in (30, 70)}
+    mon.keep_states([35, 70, 5])  # 35: the newest check at or before it is 30; 5: none
+    assert sorted(mon._states) == [30, 70, 100]
+    mon.rewind(35)
+    assert torch.equal(mon.history, wanted[30]) and len(mon.series) == 3
+    mon.rewind(5)
+    assert mon.seen == 0 and mon.series == []
+
+
 def test_recovery_policy_order():
     acts = [recovery_action(k, base_seed=7) for k in range(1, 7)]  # a sudden blow-up
     assert [a.new_seed for a in acts] == [1007, 2007, 3007, 4007, 5007, 6007]
@@ -97,3 +112,13 @@ def test_library_raises_divergence_exhausted(tmp_path):
                              stability__check_every=2)
     with pytest.raises(DivergenceExhausted):
         train(cfg)
+
+
+def test_a_run_keeps_the_monitor_histories_bounded(tmp_path):
+    from jemfast.train import Trainer
+
+    trainer = Trainer(tiny_digits_config(tmp_path / "run", optim__epochs=3, stability__check_every=2))
+    trainer.run()
+    ring, memory = trainer.cfg.stability.good_ring, trainer.cfg.stability.snapshot_ring
+    assert trainer.progress.step // 2 > 3 * (ring + memory)  # unpruned, far more would be kept
+    assert len(trainer.monitor._states) <= ring + memory + 1
