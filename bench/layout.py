@@ -33,7 +33,7 @@ import torch
 import benchlib
 import kernel_split
 import machine
-from jemfast.log import get_logger, setup_cli_logging
+from jemfast.process.log import get_logger, setup_cli_logging
 from jemfast.sgld import ChainSpec, make_chain, sampling_mode
 
 log = get_logger("jemfast.bench.layout")

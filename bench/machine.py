@@ -97,7 +97,7 @@ def machine_info() -> dict:
 
 
 def main() -> int:
-    from jemfast.log import get_logger, setup_cli_logging
+    from jemfast.process.log import get_logger, setup_cli_logging
 
     setup_cli_logging("bench/machine")
     log = get_logger("jemfast.bench.machine")

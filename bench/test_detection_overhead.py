@@ -14,13 +14,13 @@ import time
 import torch
 
 from jemfast.buffer import ReplayBuffer
-from jemfast.config import Config, apply_preset
-from jemfast.energy import JEM
 from jemfast.build import build_optimizer
-from jemfast.step import train_step
+from jemfast.energy import JEM
 from jemfast.models import build_classifier
+from jemfast.options.config import Config, apply_preset
 from jemfast.sgld import SGLD
-from jemfast.stability import DivergenceMonitor
+from jemfast.stability.monitor import DivergenceMonitor
+from jemfast.step import train_step
 
 
 def _sync(device: torch.device) -> None:

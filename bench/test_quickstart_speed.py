@@ -53,10 +53,10 @@ def worker(torch_first: bool, iters: int, forever: bool = False) -> None:
     import torch
 
     from jemfast.build import build_buffer, build_model, build_optimizer, build_sampler, seed_all
-    from jemfast.config import Config, apply_preset
+    from jemfast.options.config import Config, apply_preset
     from jemfast.data import load_data
     from jemfast.step import train_step
-    from jemfast.threads import wait_policy
+    from jemfast.process.threads import wait_policy
 
     policy = "libgomp default (spin 300000)" if torch_first else wait_policy()
     cfg = Config()

@@ -28,10 +28,10 @@ import torch
 
 import benchlib
 from jemfast.buffer import ReplayBuffer
-from jemfast.config import Config
 from jemfast.build import build_optimizer
-from jemfast.step import train_step
+from jemfast.options.config import Config
 from jemfast.sgld import SGLD
+from jemfast.step import train_step
 
 COMPILE = pytest.mark.compile
 VARIANTS = ["original-strict-fp32", "original-tf32", "jemfast-reference", "jemfast-graph-bf16-cl",

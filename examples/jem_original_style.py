@@ -28,7 +28,7 @@ import torch.nn as nn
 
 import jemfast
 import jemfast.compat
-from jemfast.stability import inject_divergence
+from jemfast.stability.inject import inject_divergence
 
 n_ch, im_sz = 1, 8
 

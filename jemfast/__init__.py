@@ -6,7 +6,7 @@ for a training loop of your own, :class:`jemfast.Guard` adds the same divergence
 import os as _os
 import sys as _sys
 
-from .interrupt import quiet_startup_signals as _quiet_startup_signals
+from .process.interrupt import quiet_startup_signals as _quiet_startup_signals
 
 if _sys.argv[:1] == ["-m"]:  # `python -m jemfast.<cli>` is starting: a signal now exits quietly
     _quiet_startup_signals()
@@ -21,13 +21,13 @@ _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if _os.path.isfile(_os.path.join(_root, "pyproject.toml")) and _os.path.isfile(_os.path.join(_root, "kernels", "__init__.py")):
     __path__.append(_root)  # type: ignore[name-defined]
 
-from .threads import prefer_bounded_spin  # noqa: E402
+from .process.threads import prefer_bounded_spin  # noqa: E402
 
-prefer_bounded_spin()  # before the first `import torch` below (jemfast.threads says why)
+prefer_bounded_spin()  # before the first `import torch` below (jemfast.process.threads says why)
 
 from .buffer import ReplayBuffer  # noqa: E402
-from .checkpoint import load_checkpoint  # noqa: E402
-from .config import Config  # noqa: E402
+from .rundir.checkpoint import load_checkpoint  # noqa: E402
+from .options.config import Config  # noqa: E402
 from .energy import JEM, LogDensity  # noqa: E402
 from .guard import Guard  # noqa: E402
 from .sgld import SGLD  # noqa: E402

@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 import torch
 
-from .config import check_value, field_kind, field_rules
-from .schema import check_field
+from .options.config import check_value, field_kind, field_rules
+from .options.schema import check_field
 
 InitFn = Callable[[int, "torch.Tensor | None"], torch.Tensor]
 
@@ -31,7 +31,7 @@ class ReplayBuffer:
 
     ``init_fn(n, y_or_None) -> Tensor[n, *sample_shape]`` (optional) replaces U(-1, 1) for the
     initial rows, re-initialised chains (on every path, the fused CUDA kernel's included) and
-    :meth:`reset` (for example :class:`jemfast.init_dist.ClassGaussians`); a class-conditional
+    :meth:`reset` (for example :class:`jemfast.sgld.chain_init.ClassGaussians`); a class-conditional
     buffer passes each row's class.
 
     ``capacity`` 0 is an empty buffer, the original code's ``replay_buffer = []``: every draw is

@@ -1,6 +1,6 @@
 """Build the parts of a run from its configuration: device, model, optimizer, buffer, sampler.
 
-Shared by the trainer, :func:`jemfast.checkpoint.load_checkpoint`, evaluation and benchmarks,
+Shared by the trainer, :func:`jemfast.rundir.checkpoint.load_checkpoint`, evaluation and benchmarks,
 so a checkpoint is always read back into exactly what wrote it.
 """
 from __future__ import annotations
@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from .buffer import ReplayBuffer
-from .config import Config
 from .energy import JEM
-from .errors import UserError
 from .models import build_classifier
+from .options.config import Config
+from .process.errors import UserError
 from .sgld import SGLD
 
 
@@ -69,7 +69,7 @@ def apply_optimizer_settings(cfg: Config, optimizer: torch.optim.Optimizer) -> N
 
 def build_buffer(cfg: Config, input_shape: tuple[int, ...], n_classes: int, device: torch.device,
                  init_fn: Callable[[int, torch.Tensor | None], torch.Tensor] | None = None) -> ReplayBuffer:
-    """The replay buffer; ``init_fn`` (see :mod:`jemfast.init_dist`) replaces U(-1, 1) for fresh chains."""
+    """The replay buffer; ``init_fn`` (see :mod:`jemfast.sgld.chain_init`) replaces U(-1, 1) for fresh chains."""
     s = cfg.sampler
     if s.class_cond and s.buffer_size % n_classes:
         raise ValueError(f"--buffer-size (sampler.buffer_size) {s.buffer_size} with --class-cond: must be a multiple "

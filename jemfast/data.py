@@ -26,8 +26,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .config import DataConfig
-from .errors import UserError
+from .options.config import DataConfig
+from .process.errors import UserError
 
 TOY_MODES = 8
 TOY_RADIUS = 0.6

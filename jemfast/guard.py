@@ -1,7 +1,7 @@
 """Divergence detection and rollback inside a training loop you wrote yourself: :class:`Guard`.
 
-The detection is :class:`jemfast.stability.DivergenceMonitor` (flags kept on the device, read
-every ``check_every`` iterations) and the recovery is :func:`jemfast.recovery.restart`, the
+The detection is :class:`jemfast.stability.monitor.DivergenceMonitor` (flags kept on the device, read
+every ``check_every`` iterations) and the recovery is :func:`jemfast.stability.recovery.restart`, the
 policy ``jemfast.train`` follows; this module adds what a foreign loop needs: snapshots of any
 model, optimizer and replay buffer (a jemfast ReplayBuffer or the original code's plain tensor).
 """
@@ -16,12 +16,14 @@ import torch
 from torch import nn
 
 from .build import seed_all
-from .checkpoint import atomic_save
-from .config import Config, StabilityConfig, check_value
-from .errors import DivergenceExhausted
-from .log import get_logger
-from .recovery import RecoveryAction, RecoveryState, choose_target, restart, state_step
-from .stability import DivergenceMonitor, clone_state, gradient_norm, inject_divergence
+from .options.config import Config, StabilityConfig, check_value
+from .process.errors import DivergenceExhausted
+from .process.log import get_logger
+from .rundir.checkpoint import atomic_save
+from .stability.inject import inject_divergence
+from .stability.monitor import DivergenceMonitor
+from .stability.recovery import RecoveryAction, RecoveryState, choose_target, restart, state_step, clone_state
+from .step import gradient_norm
 
 log = get_logger(__name__)
 FILE_FORMAT = 1  # of the guard-ITERATION.pt files and of Guard.state_dict()
@@ -47,7 +49,7 @@ class Guard:
     - ``sampler``: a :class:`jemfast.SGLD` (or any object with an ``n_steps`` attribute), whose
       step count the policy scales; a hand-written sampler multiplies its own step count by
       :attr:`sgld_steps_factor` instead.
-    - ``config``: a :class:`~jemfast.config.StabilityConfig` (or a Config: its stability section);
+    - ``config``: a :class:`~jemfast.options.config.StabilityConfig` (or a Config: its stability section);
       keyword overrides by field name, e.g. ``Guard(model, opt, check_every=20, max_restarts=2)``,
       checked as the CLI's flags are (ValueError naming the field). ``inject_divergence=N`` is the
       testing aid: it blows up the model's last Linear layer after the N-th :meth:`step`.
@@ -62,10 +64,10 @@ class Guard:
     :meth:`step` only records device flags (no host sync); every ``check_every``-th call it
     reads them once (:meth:`check`). Healthy: the current state becomes the last good state
     (copied on the device; and written to ``out``). Diverged: the state is rolled back and the
-    policy of :mod:`jemfast.stability` applied (new seed; lr x0.5 on restarts 2 and 5+; SGLD steps
+    policy of :mod:`jemfast.stability.recovery` applied (new seed; lr x0.5 on restarts 2 and 5+; SGLD steps
     x2 on restart 3; buffer re-initialised to U(-1, 1), or its ``init_fn``, on restart 4), one
     warning line is logged and the event appended to :attr:`restarts`; past ``max_restarts``
-    :class:`~jemfast.errors.DivergenceExhausted` is raised, with the last good state restored.
+    :class:`~jemfast.process.errors.DivergenceExhausted` is raised, with the last good state restored.
 
     Learning rate: a restart multiplies the optimizer's *current* lr (every param group) by the
     action's factor; the rest of each group's settings keep their live values, not the
@@ -175,7 +177,7 @@ class Guard:
     @property
     def sgld_step_size_scale(self) -> float:
         """Cumulative SGLD step-size factor of the restarts so far (1.0 before any): a restart after
-        a collapse with lagging chains multiplies it by 10 (jemfast.stability)."""
+        a collapse with lagging chains multiplies it by 10 (jemfast.stability.recovery)."""
         return self.recovery.sgld_step_size_scale
 
     @property

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from .options.config import ModelConfig
 
 
 def _norm(kind: str, channels: int, layout: str = "jemfast") -> nn.Module:

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .cli import OneLineParser, run_cli
-from .config import Config, build_config
-from .errors import DivergenceExhausted, UserError
-from .log import get_logger, setup_cli_logging
-from .schema import add_flags, check_fields, given_values, option
+from .options.cli import OneLineParser, run_cli
+from .options.config import Config, build_config
+from .options.schema import add_flags, check_fields, given_values, option
+from .process.errors import DivergenceExhausted, UserError
+from .process.log import get_logger, setup_cli_logging
 
 PROG = "python -m jemfast.natural_divergence"
 TRAIN = "train:"

@@ -20,19 +20,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from .buffer import ReplayBuffer
-from .config import Config, LossConfig, OptimConfig, check_value
 from .data import Split
 from .energy import energy_from_logits
 from .modes import autocast, eval_mode, precision_dtype
+from .options.config import Config, LossConfig, OptimConfig, check_value
 from .sgld import SGLD
-from .stability import gradient_norm
 
 
 def lr_at(o: OptimConfig, step: int, epoch: int, scale: float = 1.0, warmup_from: int = 0) -> float:
     """The learning rate of iteration ``step`` (0-based) in ``epoch`` (0-based).
 
     1) linear warm-up from lr/warmup_iters to lr over the ``warmup_iters`` iterations from
-       ``warmup_from`` (0; an automatic restart may start the warm-up again, jemfast.stability);
+       ``warmup_from`` (0; an automatic restart may start the warm-up again, jemfast.stability.recovery);
     2) times ``decay_rate`` for every decay epoch already reached;
     3) times ``scale``, the cumulative factor of automatic restarts.
     """
@@ -150,6 +149,12 @@ def _layout(cfg: Config, x: torch.Tensor | None) -> torch.Tensor | None:
     if x is not None and cfg.run.channels_last and x.dim() == 4:
         return x.contiguous(memory_format=torch.channels_last)
     return x
+
+
+def gradient_norm(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    """Device scalar: the global L2 norm of ``model``'s parameter gradients now (0 if none)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads).to(device) if grads else torch.zeros((), device=device)
 
 
 def train_step(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, sampler: SGLD,

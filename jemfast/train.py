@@ -17,28 +17,31 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from tqdm import tqdm
 
-from . import distributed, shards
 from .build import (apply_optimizer_settings, build_buffer, build_model, build_optimizer, build_sampler,
                     resolve_device, seed_all)
-from .checkpoint import Progress, fits_run, read_checkpoint, restore_training_state, training_state
-from .cli import config_from_args, run_cli
-from .config import Config, validate
 from .data import load_data
-from .ddp_trainer import data_parallel
-from .errors import DivergenceExhausted, UserError
-from .init_dist import make_init_fn
-from .log import get_logger, progress_safe_logging, setup_cli_logging
-from .metrics import MetricsLog, MetricWindow
-from .outputs import log_metrics, save_buffer_grid, save_samples, save_training_curves
-from .interrupt import StopRequested, stop_on_signals
-from .resume import read_resume_checkpoint
-from .rundir import (drop_previous, mark_best, prepare_out, remove_stale_temp_files,
-                     restore_previous, save_good_checkpoint, set_aside_previous, write_json)
-from .summary import existing_summary, run_summary, write_failure_summary
-from .recovery import RecoveryAction, RecoveryState, choose_target, recovery_action, restart, state_step
-from .stability import DivergenceMonitor, InjectDivergence
+from .distributed import ranks, shards
+from .distributed.trainer import data_parallel
+from .options.cli import config_from_args, run_cli
+from .options.config import Config, validate
+from .outputs.curves import save_training_curves
+from .outputs.metrics import MetricsLog, MetricWindow, log_metrics
+from .outputs.plots import save_buffer_grid, save_samples
+from .outputs.summary import existing_summary, run_summary, write_failure_summary
+from .process.errors import DivergenceExhausted, UserError
+from .process.interrupt import StopRequested, stop_on_signals
+from .process.log import get_logger, progress_safe_logging, setup_cli_logging
+from .process.threads import configure_threads
+from .rundir.checkpoint import Progress, fits_run, read_checkpoint, restore_training_state, training_state
+from .rundir.directory import (drop_previous, mark_best, prepare_out, remove_stale_temp_files,
+                               restore_previous, save_good_checkpoint, set_aside_previous, write_json)
+from .rundir.resume import read_resume_checkpoint
+from .sgld.chain_init import make_init_fn
+from .stability.inject import InjectDivergence
+from .stability.monitor import DivergenceMonitor
+from .stability.recovery import (RecoveryAction, RecoveryState, choose_target, recovery_action, restart,
+                                 state_step)
 from .step import accuracy, lr_at, set_lr, train_step
-from .threads import configure_threads
 
 log = get_logger(__name__)
 Report = Callable[[dict[str, Any]], None]
@@ -113,7 +116,7 @@ class Trainer:
             self.bar = tqdm(total=self.per_epoch * o.epochs, initial=p.step, disable=not self.cfg.run.progress,
                             unit="it", dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 15.0)
             try:
-                with stop_on_signals(self._on_signal, distributed.active()), progress_safe_logging():
+                with stop_on_signals(self._on_signal, ranks.active()), progress_safe_logging():
                     self._start_outputs()
                     while True:
                         stop = self._train()
@@ -270,7 +273,7 @@ class Trainer:
         ckpt, path, lost = read_resume_checkpoint(self.out, self.device, self.cfg, self.model, self.buffer)
         if (self.cfg.optim.optimizer == "sgd") != isinstance(self.optimizer, torch.optim.SGD):
             self.optimizer = build_optimizer(self.cfg, self.model)  # the checkpoint's kind continues (resume.KEEP)
-        ckpt = shards.for_rank(ckpt, distributed.rank(), distributed.world_size(), self.buffer.capacity)
+        ckpt = shards.for_rank(ckpt, ranks.rank(), ranks.world_size(), self.buffer.capacity)
         restore_training_state(ckpt, self.model, self.optimizer, self.buffer, self.sampler, self.progress,
                                self.recovery, source=path)
         apply_optimizer_settings(self.cfg, self.optimizer)
@@ -297,7 +300,7 @@ class Trainer:
 
     def recover(self, cause: str) -> None:
         """Roll back to a good state from before the divergence began and restart with the next
-        action of the recovery policy (jemfast.stability), or stop with
+        action of the recovery policy (jemfast.stability.recovery), or stop with
         :class:`DivergenceExhausted` when the restarts are used up."""
         rec, p = self.recovery, self.progress
         if rec.exhausted(self.cfg.stability.max_restarts):
@@ -322,7 +325,7 @@ class Trainer:
                                recovery=None, restore_rng=False)
         apply_optimizer_settings(self.cfg, self.optimizer)  # the target may predate a resume that changed them
         self.monitor.rewind(step)
-        if distributed.is_main():
+        if ranks.is_main():
             for path in ring:
                 if state_step(path) > step:
                     path.unlink(missing_ok=True)
@@ -331,9 +334,9 @@ class Trainer:
     def _read_good_checkpoint(self, path: Path) -> dict[str, Any]:
         """A good checkpoint of this run's ring, read, checked to fit, and cut to this rank's shard."""
         ckpt = self._read_fitting_checkpoint(path)
-        return shards.for_rank(ckpt, distributed.rank(), distributed.world_size(), self.buffer.capacity)
+        return shards.for_rank(ckpt, ranks.rank(), ranks.world_size(), self.buffer.capacity)
 
-    def _read_fitting_checkpoint(self, path: Path) -> dict[str, Any]:  # jemfast.ddp_trainer: rank 0 reads
+    def _read_fitting_checkpoint(self, path: Path) -> dict[str, Any]:  # jemfast.distributed.trainer: rank 0 reads
         ckpt = read_checkpoint(path, map_location=self.device)
         fits_run(ckpt, self.model, self.buffer, path, self.optimizer, buffer_rows=self.cfg.sampler.buffer_size)
         return ckpt
@@ -344,7 +347,7 @@ class Trainer:
         self._seed_all(seed)
         self._reseed_kernels(seed)
 
-    def _seed_all(self, seed: int) -> None:  # this and the next two: jemfast.ddp_trainer replaces them
+    def _seed_all(self, seed: int) -> None:  # this and the next two: jemfast.distributed.trainer replaces them
         seed_all(seed)
 
     def _reseed_kernels(self, seed: int) -> None:
@@ -380,8 +383,8 @@ def train(cfg: Config, report: Report | None = None, hooks: Iterable[Hook] = ())
     checkpoints), DivergenceExhausted when restarts run out.
     """
     validate(cfg)
-    with distributed.session(cfg.run.device):
-        trainer_class = data_parallel(Trainer) if distributed.active() else Trainer
+    with ranks.session(cfg.run.device):
+        trainer_class = data_parallel(Trainer) if ranks.active() else Trainer
         return trainer_class(cfg, report, hooks).run()
 
 
@@ -390,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def _run() -> int:
         summary = train(config_from_args(argv))
-        if not distributed.env_is_main():  # under torchrun rank 0 reports for all
+        if not ranks.env_is_main():  # under torchrun rank 0 reports for all
             return 128 + summary["stop_signal"] if summary["status"] == "interrupted" else 0
         if summary["status"] == "interrupted":
             print(f"interrupted: checkpoint saved in {summary['out']}/checkpoints; continue with --resume")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-# Importing jemfast before torch bounds OpenMP's spin-wait (jemfast.threads says why); test
+# Importing jemfast before torch bounds OpenMP's spin-wait (jemfast.process.threads says why); test
 # modules import torch first, so import jemfast here, before any of them.
 import jemfast  # noqa: F401,E402
 
@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import pytest
 
-from jemfast.config import Config, apply_preset
+from jemfast.options.config import Config, apply_preset
 
 REPO = Path(__file__).resolve().parents[1]
 

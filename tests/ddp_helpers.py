@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from jemfast.checkpoint import read_checkpoint
+from jemfast.rundir.checkpoint import read_checkpoint
 from tests.conftest import REPO
 
 TINY = ["--dataset", "digits", "--hidden", "8", "--buffer-size", "200", "--sgld-steps", "2", "--warmup-iters", "0",

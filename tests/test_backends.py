@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from jemfast.energy import JEM
-from jemfast.errors import UserError
 from jemfast.models import SmallCNN
+from jemfast.process.errors import UserError
 from jemfast.sgld import SGLD, ChainSpec, make_chain, reference_chain, resolve_backend, sampling_mode, unavailable
 from jemfast.sgld.compiled import CompiledChain
 from jemfast.sgld.fused import FusedChain
@@ -82,7 +82,7 @@ def test_reference_is_the_reference_chain():
 def test_auto_on_cpu_picks_reference_and_logs_why_once():
     import logging
 
-    from jemfast.log import _said
+    from jemfast.process.log import _said
 
     name, reason = resolve_backend("auto", "cpu")
     assert name == "reference" and "cpu/*/* -> reference" in reason and "1.00-1.16x" in reason

@@ -142,7 +142,7 @@ def test_empty_buffer_gives_fresh_chains_and_keeps_nothing():
     cond = ReplayBuffer(0, (2,), n_classes=3, init_fn=lambda n, y: y.float()[:, None].expand(n, 2))
     y = torch.tensor([2, 0, 1])
     assert torch.equal(cond.sample(3, y)[0], y.float()[:, None].expand(3, 2))
-    from jemfast.config import check_value
+    from jemfast.options.config import check_value
 
     with pytest.raises(ValueError, match="must be >= 1"):
         check_value("sampler.buffer_size", 0)  # --buffer-size stays >= 1 (the CLI has --sgld-init noise)

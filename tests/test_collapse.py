@@ -1,13 +1,13 @@
-"""The collapse tests on per-check means (jemfast.collapse) and the in-memory good states they
-roll back to (jemfast.recovery.RecoveryState)."""
+"""The collapse tests on per-check means (jemfast.stability.collapse) and the in-memory good states they
+roll back to (jemfast.stability.recovery.RecoveryState)."""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from jemfast.collapse import IntervalStats, accuracy_collapsed, gap_drifting, onset
-from jemfast.recovery import GoodState, RecoveryState, choose_target
+from jemfast.stability.collapse import IntervalStats, accuracy_collapsed, gap_drifting, onset
+from jemfast.stability.recovery import GoodState, RecoveryState, choose_target
 
 # Measured (10-iteration means of E(real) - E(fake) and the grad norm) on the natural-divergence
 # benchmark's setting at lr 1e-4 (WRN-10-2 without normalisation, digits32, 5 SGLD steps): the

@@ -17,8 +17,8 @@ from jemfast.build import build_model
 from jemfast.compat import keymap
 from jemfast.compat.__main__ import main as compat_main
 from jemfast.compat.original_format import read_original, write_original
-from jemfast.config import build_config
-from jemfast.errors import UserError
+from jemfast.options.config import build_config
+from jemfast.process.errors import UserError
 from tests.compat_example import example
 
 

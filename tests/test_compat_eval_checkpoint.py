@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from jemfast.compat.loading import load_any_checkpoint
-from jemfast.errors import UserError
 from jemfast.eval.__main__ import main as eval_main
+from jemfast.process.errors import UserError
 from tests.compat_example import example, original_checkpoint
 
 FLAGS = ["--dataset", "digits", "--hidden", "8"]

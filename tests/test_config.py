@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from jemfast.cli import build_parser, config_from_args
-from jemfast.config import (DATASET_PRESETS, FLAGS_BY_KEY, SEED_MAX, Config, build_config, check_value,
-                            field_rules, validate)
-from jemfast.errors import one_line
-from jemfast.eval.options import ORIGINAL_MODEL_KEYS, EvalOptions, options_from_args
-from jemfast.eval.options import build_parser as eval_parser
-from jemfast.schema import declared, to_argv
+from jemfast.eval.options import (ORIGINAL_MODEL_KEYS, EvalOptions, options_from_args,
+                                  build_parser as eval_parser)
+from jemfast.options.cli import build_parser, config_from_args
+from jemfast.options.config import (DATASET_PRESETS, FLAGS_BY_KEY, SEED_MAX, Config, build_config,
+                                    check_value, field_rules, validate)
+from jemfast.options.schema import declared, to_argv
+from jemfast.process.errors import one_line
 
 
 def flags_of(parser) -> set[str]:

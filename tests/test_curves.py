@@ -1,10 +1,10 @@
-"""OUT/curves.png (jemfast.curves): drawn from metrics.jsonl, restarts split the run into passes."""
+"""OUT/curves.png (jemfast.outputs.curves): drawn from metrics.jsonl, restarts split the run into passes."""
 from __future__ import annotations
 
 import json
 import warnings
 
-from jemfast.curves import read_passes, save_curves
+from jemfast.outputs.curves import read_passes, save_curves
 from jemfast.train import train
 from tests.conftest import tiny_digits_config
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 import torchvision
 
-from jemfast.config import DataConfig
 from jemfast.data import load_data, torchvision_arrays
-from jemfast.errors import UserError
 from jemfast.eval.ood import _load_dataset
+from jemfast.options.config import DataConfig
+from jemfast.process.errors import UserError
 
 CPU = torch.device("cpu")
 

@@ -1,4 +1,4 @@
-"""Divergence detection relative to the run's own history (jemfast.stability.DivergenceMonitor).
+"""Divergence detection relative to the run's own history (jemfast.stability.monitor.DivergenceMonitor).
 
 Fast tests feed the monitor synthetic series; slow ones train with ``inject_divergence`` and
 with the absolute limits out of reach, so only the relative tests can catch the blow-up.
@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from jemfast.config import Config, StabilityConfig, validate
-from jemfast.stability import DivergenceMonitor
+from jemfast.options.config import Config, StabilityConfig, validate
+from jemfast.stability.monitor import DivergenceMonitor
 from jemfast.train import main, train
 from tests.conftest import tiny_digits_config
 

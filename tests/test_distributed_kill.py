@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from jemfast.distributed import lost_peer, peer_lost
+from jemfast.distributed.ranks import lost_peer, peer_lost
 from tests.ddp_helpers import (PER_EPOCH, end_group, last, rank_output, start_torchrun, torchrun, wait_for, wait_gone,
                                worker_pids)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from jemfast.checkpoint import read_checkpoint
-from jemfast.errors import UserError
+from jemfast.process.errors import UserError
+from jemfast.rundir.checkpoint import read_checkpoint
 from jemfast.train import main, train
 from tests.conftest import start_train, tiny_digits_config, wait_until
 

@@ -12,12 +12,12 @@ import torch
 from torch import nn
 
 from jemfast.energy import JEM
-from jemfast.errors import UserError
 from jemfast.eval.common import Skipped
 from jemfast.eval.generation import (INCEPTION_FILE, extract, fid_from_features, find_inception_weights,
                                      frechet_distance, generation_scores, inception_extractor,
                                      inception_score, to_uint8_rgb)
 from jemfast.models import SmallCNN
+from jemfast.process.errors import UserError
 
 
 def random_fid_inception_weights(path: Path, seed: int = 0) -> Path:

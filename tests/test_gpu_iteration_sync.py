@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from tests.conftest import tiny_digits_config
 
-from jemfast.metrics import MetricWindow
+from jemfast.outputs.metrics import MetricWindow
 from jemfast.train import Trainer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

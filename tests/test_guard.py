@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import jemfast
-from jemfast.errors import DivergenceExhausted
-from jemfast.recovery import recovery_action
-from jemfast.stability import inject_divergence
+from jemfast.process.errors import DivergenceExhausted
+from jemfast.stability.inject import inject_divergence
+from jemfast.stability.recovery import recovery_action
 
 BATCH, STEPS, CHECK = 32, 5, 5
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from jemfast import load_checkpoint
-from jemfast.checkpoint import read_checkpoint, restore_training_state
-from jemfast.errors import UserError
-from jemfast.recovery import choose_target
+from jemfast.process.errors import UserError
+from jemfast.rundir.checkpoint import read_checkpoint, restore_training_state
+from jemfast.stability.recovery import choose_target
 from jemfast.train import Trainer, train
 from tests.conftest import REPO, run_module, tiny_digits_config
 
@@ -176,7 +176,7 @@ def test_resume_falls_back_to_the_older_intact_checkpoint(trained, tmp_path, nam
 
 
 def test_resume_continues_with_the_checkpoints_optimizer(trained, tmp_path):
-    """--optimizer is kept from the checkpoint (jemfast.resume.KEEP): an SGD run's checkpoint
+    """--optimizer is kept from the checkpoint (jemfast.rundir.resume.KEEP): an SGD run's checkpoint
     resumed with the default Adam flags continues with SGD and its momentum buffers."""
     out = copy_run(trained, tmp_path)
     bad = write_bad(out, "SGD run", VALID)
@@ -260,8 +260,8 @@ def test_bombs_refused_quickly_without_allocating(trained, tmp_path):
         paths.append(str(write_bad(out, name, BOMBS)))
     script = textwrap.dedent(f"""
         import resource, time, jemfast
-        from jemfast.checkpoint import load_checkpoint, read_checkpoint
-        from jemfast.errors import UserError
+        from jemfast.rundir.checkpoint import load_checkpoint, read_checkpoint
+        from jemfast.process.errors import UserError
         load_checkpoint({str(trained / "checkpoints" / "good-000000015.pt")!r})  # warm up imports
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t0 = time.perf_counter()

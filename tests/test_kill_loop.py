@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-from jemfast.checkpoint import read_checkpoint
-from jemfast.rundir import checkpoint_candidates
+from jemfast.rundir.checkpoint import read_checkpoint
+from jemfast.rundir.directory import checkpoint_candidates
 from tests.conftest import REPO
 
 ARGS = ["--dataset", "digits", "--hidden", "8", "--buffer-size", "100", "--sgld-steps", "20", "--no-progress",

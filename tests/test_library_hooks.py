@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jemfast import JEM, SGLD, LogDensity, ReplayBuffer, jem_loss
-from jemfast.config import Config
+from jemfast.options.config import Config
 from jemfast.sgld import ChainSpec
 from tests.conftest import triton_marker
 from tests.test_energy import CCF
@@ -181,7 +181,7 @@ def test_step_size_zero_is_noise_alone(backend):
 
 
 def test_step_size_zero_in_the_config_and_cli():
-    from jemfast.cli import config_from_args
+    from jemfast.options.cli import config_from_args
     from tune.space import default_space
 
     cfg = config_from_args(["--sgld-step-size", "0"])

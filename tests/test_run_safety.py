@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from jemfast.checkpoint import read_checkpoint
-from jemfast.runlock import RunLock
+from jemfast.rundir.checkpoint import read_checkpoint
+from jemfast.rundir.lock import RunLock
 from jemfast.train import Trainer, main, train
 from tests.conftest import REPO, start_train, stop_after, tiny_digits_config, wait_until
 
@@ -90,7 +90,7 @@ def test_disk_full_mid_run_is_one_line_and_keeps_the_last_good_checkpoint(tmp_pa
                         pass
 
         cfg = tiny_digits_config(out, optim__epochs=3, sampler__buffer_size=100, sampler__n_steps=2)
-        from jemfast.errors import UserError
+        from jemfast.process.errors import UserError
 
         with pytest.raises(UserError, match="No space left on device") as exc:
             train(cfg, hooks=[fill_disk])

@@ -136,7 +136,7 @@ def test_differentiable_chain_matches_the_hand_formula_jacobian():
 
 
 def test_a_stop_request_ends_the_chain_between_steps():
-    from jemfast import interrupt
+    from jemfast.process import interrupt
 
     model = linear_jem()
     calls = []

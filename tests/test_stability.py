@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from jemfast.checkpoint import read_checkpoint
-from jemfast.config import StabilityConfig
-from jemfast.errors import DivergenceExhausted
-from jemfast.recovery import recovery_action
-from jemfast.stability import DivergenceMonitor
+from jemfast.options.config import StabilityConfig
+from jemfast.process.errors import DivergenceExhausted
+from jemfast.rundir.checkpoint import read_checkpoint
+from jemfast.stability.monitor import DivergenceMonitor
+from jemfast.stability.recovery import recovery_action
 from jemfast.train import main, train
 from tests.conftest import tiny_digits_config
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from tests.conftest import tiny_digits_config, triton_marker
 
-from jemfast.metrics import MetricWindow
+from jemfast.outputs.metrics import MetricWindow
 from jemfast.sgld.sync_check import SyncRecorder, assert_sync_free
 from jemfast.train import Trainer
 
@@ -68,8 +68,8 @@ def test_iterations_between_checks_are_sync_free_and_a_check_reads_once(tmp_path
         # one read: the monitor's flags and interval means, one tensor; and the in-memory good state's
         # copy of numpy's RNG state, a host tensor made from host data (no device involved)
         assert_sync_free(rec, Counter({"tolist": 1, "lift_fresh": 1}))
-        assert rec.events[0].where.startswith("jemfast/stability.py:")  # DivergenceMonitor.check
-        assert rec.events[1].where.startswith("jemfast/checkpoint.py:")  # rng_state()
+        assert rec.events[0].where.startswith("jemfast/stability/monitor.py:")  # DivergenceMonitor.check
+        assert rec.events[1].where.startswith("jemfast/rundir/checkpoint.py:")  # rng_state()
     finally:
         trainer.lock.release()
 

@@ -1,4 +1,4 @@
-"""CPU thread policy (jemfast.threads): wait policy before torch, thread count from usable CPUs."""
+"""CPU thread policy (jemfast.process.threads): wait policy before torch, thread count from usable CPUs."""
 import os
 import re
 import subprocess
@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from jemfast import threads
-from jemfast.config import Config, validate
+from jemfast.options.config import Config, validate
+from jemfast.process import threads
 from tests.conftest import REPO
 
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from jemfast.config import Config, apply_preset
 from jemfast.data import TOY_MODES, TOY_RADIUS, TOY_STD, toy2d_points
+from jemfast.options.config import Config, apply_preset
+from jemfast.rundir.checkpoint import read_checkpoint
 from jemfast.train import train
-from jemfast.checkpoint import read_checkpoint
 
 
 def mmd2(a: torch.Tensor, b: torch.Tensor, bandwidth: float = 0.1) -> float:

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from jemfast import load_checkpoint
-from jemfast.checkpoint import FORMAT_VERSION, read_checkpoint
+from jemfast.rundir.checkpoint import FORMAT_VERSION, read_checkpoint
 from jemfast.train import Trainer, train
 from tests.conftest import stop_after, tiny_digits_config
 

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from jemfast.cli import config_from_args
-from jemfast.config import Config, apply_preset
+from jemfast.options.cli import config_from_args
+from jemfast.options.config import Config, apply_preset
 from jemfast.tune.restore import resize_buffer, restore_checkpoint, trial_config
 from jemfast.tune.results import best_command, best_row, row_from_result, sort_rows, write_table
 from jemfast.tune.space import Range, build_space, default_space, parse_range, read_space_file, trial_overrides
@@ -113,7 +113,7 @@ def test_space_file_yaml_and_json(tmp_path):
     assert read_space_file(j) == {"reinit_freq": "uniform:0.01,0.1"}
     bad = tmp_path / "bad.json"
     bad.write_text("{nope")
-    from jemfast.errors import UserError
+    from jemfast.process.errors import UserError
     with pytest.raises(UserError, match="not valid json"):
         read_space_file(bad)
 
@@ -336,7 +336,7 @@ def test_existing_experiment_needs_resume_or_overwrite(tmp_path, capsys):
 
 
 def test_claim_experiment_dir(tmp_path):
-    from jemfast.errors import UserError
+    from jemfast.process.errors import UserError
     from jemfast.tune.plan import PLAN_FILE, claim_experiment_dir
 
     ours = tmp_path / "ours"
@@ -363,7 +363,7 @@ def test_claim_experiment_dir(tmp_path):
 
 def test_plan_is_built_from_overrides_not_cli_text(tmp_path):
     """The base config comes from build_config(dotted overrides); JSON round trip keeps it."""
-    from jemfast.config import build_config
+    from jemfast.options.config import build_config
     from jemfast.tune.cli import build_parser
     from jemfast.tune.plan import make_plan, read_options
 

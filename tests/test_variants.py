@@ -7,11 +7,11 @@ from torch import nn
 import jemfast.buffer as buffer_mod
 import jemfast.step as step
 from jemfast.buffer import ReplayBuffer
-from jemfast.checkpoint import read_checkpoint
-from jemfast.config import Config
 from jemfast.data import load_data
 from jemfast.energy import JEM
-from jemfast.init_dist import ClassGaussians
+from jemfast.options.config import Config
+from jemfast.rundir.checkpoint import read_checkpoint
+from jemfast.sgld.chain_init import ClassGaussians
 from jemfast.train import Trainer, train
 from tests.conftest import stop_after, tiny_digits_config
 

@@ -6,7 +6,7 @@ include_dashboard=False)``) and stops it at the end. ``--address auto`` (on a cl
 jemfast.train`` flag (``--dataset``, ``--model``, ``--sgld-steps``, ...) is accepted and sets the
 base configuration of all trials (``--out``, ``--resume``, ``--overwrite`` excepted: each trial
 has its own run directory). Both sets of flags are generated from their declarations
-(:class:`jemfast.tune.plan.TuneOptions`, :mod:`jemfast.config`).
+(:class:`jemfast.tune.plan.TuneOptions`, :mod:`jemfast.options.config`).
 
 The experiment lives in ``--storage-path/--name``; a directory there that is not a jemfast.tune
 experiment is never written into or deleted (:func:`jemfast.tune.plan.claim_experiment_dir`).
@@ -21,11 +21,11 @@ import json
 import time
 from typing import Any, Sequence
 
-from jemfast.cli import OneLineParser, run_cli
-from jemfast.config import Config
-from jemfast.errors import UserError
-from jemfast.log import get_logger, setup_cli_logging
-from jemfast.schema import add_flags
+from jemfast.options.cli import OneLineParser, run_cli
+from jemfast.options.config import Config
+from jemfast.process.errors import UserError
+from jemfast.process.log import get_logger, setup_cli_logging
+from jemfast.options.schema import add_flags
 
 from .plan import (NOT_PASSED, PLAN_FILE, PLAN_VERSION, TRAIN, TuneOptions, claim_experiment_dir,
                    default_name, experiment_dir, is_ours, make_plan, read_options)

@@ -13,7 +13,7 @@ Definition (all inputs are produced by ``jemfast.train`` itself; no external wei
   which is exactly the generative term of the JEM loss. Lines that a rollback undid (those after
   a ``{"event": "restart"}`` line's ``rolled_back_to`` step and written before it) are dropped,
   so the window is the trajectory the run actually kept. ``std`` is the population std (ddof 0).
-- ``restarts``: automatic divergence restarts the run needed so far (jemfast.stability).
+- ``restarts``: automatic divergence restarts the run needed so far (jemfast.stability.recovery).
 - ``diverged``: 1 if the run exhausted its restarts (the trial's status is ``diverged``), else 0.
 - Defaults: ``w_q = 0.1``, ``w_r = 0.05``, ``w_d = 0.2`` (``--quality-weight``,
   ``--restart-penalty``, ``--diverged-penalty``).

@@ -1,6 +1,6 @@
 """What an experiment of ``python -m jemfast.tune`` is: its options, its plan and its directory.
 
-:class:`TuneOptions` declares the command's own flags once (as :mod:`jemfast.config` declares the
+:class:`TuneOptions` declares the command's own flags once (as :mod:`jemfast.options.config` declares the
 training flags); :func:`make_plan` turns them and the training flags into the JSON plan saved as
 ``jemfast_tune.json``; :func:`experiment_dir` decides where the experiment lives and refuses to
 touch any directory that is not one of ours.
@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from jemfast.config import Config, build_config
-from jemfast.errors import UserError, one_line
-from jemfast.paths import check_writable_dir
-from jemfast.schema import check_fields, given_values, option
+from jemfast.options.config import Config, build_config
+from jemfast.process.errors import UserError, one_line
+from jemfast.rundir.writable import check_writable_dir
+from jemfast.options.schema import check_fields, given_values, option
 
 from .objective import ScoreWeights
 from .space import CORE, KEYS, PBT_MUTABLE, build_space, key_of, read_space_file, space_to_json

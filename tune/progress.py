@@ -5,7 +5,7 @@ from typing import Any
 
 from ray import tune
 
-from jemfast.log import get_logger
+from jemfast.process.log import get_logger
 
 log = get_logger("jemfast.tune")
 

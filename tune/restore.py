@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from jemfast.checkpoint import atomic_save, read_checkpoint
-from jemfast.config import Config
+from jemfast.rundir.checkpoint import atomic_save, read_checkpoint
+from jemfast.options.config import Config
 
 from .space import space_from_json, trial_overrides
 

@@ -20,9 +20,9 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from jemfast.config import Config, field_kind
-from jemfast.errors import one_line
-from jemfast.schema import to_argv
+from jemfast.options.config import Config, field_kind
+from jemfast.process.errors import one_line
+from jemfast.options.schema import to_argv
 
 from .space import KEYS, TESTING_AIDS, Range, key_of
 

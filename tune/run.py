@@ -9,8 +9,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from jemfast.errors import UserError, one_line
-from jemfast.log import get_logger
+from jemfast.process.errors import UserError, one_line
+from jemfast.process.log import get_logger
 
 from .space import PBT_MUTABLE, key_of, space_from_json
 

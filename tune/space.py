@@ -10,7 +10,7 @@ single value (fixed, not searched). Each kind is Ray Tune's own search space of 
     uniform:0.01,0.1        tune.uniform        loguniform:0.1,3  tune.loguniform
     randint:10,40           tune.randint        lograndint:500,20000  tune.lograndint  (high exclusive)
 
-Every value and bound is checked against the field's declaration in :mod:`jemfast.config` (its
+Every value and bound is checked against the field's declaration in :mod:`jemfast.options.config` (its
 type and bounds) and against the whole base configuration before Ray starts: a range that a
 trial could not run is one line naming ``--space NAME`` and the flag's bound.
 
@@ -26,9 +26,9 @@ from argparse import ArgumentTypeError
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from jemfast.config import FLAGS_BY_KEY, Config, check_value, field_kind
-from jemfast.errors import UserError, one_line
-from jemfast.schema import OptionError, parse_bool, show
+from jemfast.options.config import FLAGS_BY_KEY, Config, check_value, field_kind
+from jemfast.process.errors import UserError, one_line
+from jemfast.options.schema import OptionError, parse_bool, show
 
 NOT_SEARCHABLE = ("run.out", "run.resume", "run.overwrite", "run.progress")
 NAMES = {flag[2:].replace("-", "_"): key for key, flag in FLAGS_BY_KEY.items() if key not in NOT_SEARCHABLE}

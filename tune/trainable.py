@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from ray import tune
 
-from jemfast.errors import DivergenceExhausted
+from jemfast.process.errors import DivergenceExhausted
 from jemfast.train import train
 
 from .objective import ScoreWeights, evaluate

@@ -12,12 +12,12 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..cli import OneLineParser, run_cli
-from ..checkpoint import load_weights_only
-from ..config import Config
-from ..errors import UserError
-from ..log import setup_cli_logging
-from ..schema import add_flags, given_values, to_argv
+from ..options.cli import OneLineParser, run_cli
+from ..options.config import Config
+from ..options.schema import add_flags, given_values, to_argv
+from ..process.errors import UserError
+from ..process.log import setup_cli_logging
+from ..rundir.checkpoint import load_weights_only
 from .convert import original_to_run, run_to_original
 from .loading import refuse_flags
 from .original_format import is_jemfast_checkpoint, parse_original

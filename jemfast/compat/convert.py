@@ -2,7 +2,7 @@
 
 - :func:`original_to_run`: an original ``{"model_state_dict", "replay_buffer"}`` file becomes a
   jemfast run directory whose ``checkpoints/last.pt`` (jemfast's format, written by
-  :mod:`jemfast.checkpoint`'s own writers) ``python -m jemfast.train --resume`` continues with the
+  :mod:`jemfast.rundir.checkpoint`'s own writers) ``python -m jemfast.train --resume`` continues with the
   same flags. The original format holds no optimizer, iteration or schedule, so the run starts
   at iteration 0 (warm-up included) with a fresh optimizer, the original's weights and its
   buffer. ``--buffer-size`` defaults to the original buffer's rows; a WRN gets
@@ -21,12 +21,12 @@ from typing import Any, Mapping
 import torch
 
 from ..build import build_buffer, build_model, build_optimizer, build_sampler, seed_all
-from ..checkpoint import Progress, read_checkpoint, training_state
-from ..config import Config, build_config
-from ..errors import UserError
-from ..log import get_logger
-from ..rundir import holds_run, prepare_out, save_good_checkpoint
-from ..recovery import RecoveryState
+from ..options.config import Config, build_config
+from ..process.errors import UserError
+from ..process.log import get_logger
+from ..rundir.checkpoint import Progress, read_checkpoint, training_state
+from ..rundir.directory import holds_run, prepare_out, save_good_checkpoint
+from ..stability.recovery import RecoveryState
 from . import keymap
 from .original_format import write_original
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..energy import LogDensity
-from ..log import get_logger, log_once
+from ..process.log import get_logger, log_once
 from ..sgld import SGLD
 from .pcd import Buffer, InitFn, LogDensities, pcd_step, sgld_backend
 from .shape import declared_shape

@@ -26,8 +26,8 @@ from typing import Mapping
 import torch
 
 from ..build import build_model
-from ..config import Config
-from ..errors import UserError
+from ..options.config import Config
+from ..process.errors import UserError
 
 UNUSED = ("energy_output.", "f.linear.")  # present in every original CCF, read by none
 ORIGINAL_LINEAR_CLASSES = 10  # Wide_ResNet's own unused classifier keeps its default size

@@ -15,10 +15,10 @@ from typing import Any, Mapping
 
 import torch
 
-from ..checkpoint import load_checkpoint, load_weights_only
-from ..config import FLAGS_BY_KEY
-from ..errors import UserError
-from ..log import get_logger
+from ..options.config import FLAGS_BY_KEY
+from ..process.errors import UserError
+from ..process.log import get_logger
+from ..rundir.checkpoint import load_checkpoint, load_weights_only
 from . import keymap
 from .convert import original_model
 from .original_format import KEYS, is_jemfast_checkpoint, parse_original

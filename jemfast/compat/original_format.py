@@ -16,9 +16,9 @@ from typing import Any, Mapping
 
 import torch
 
-from ..checkpoint import atomic_save, load_weights_only
-from ..ckpt_values import Corrupt, _Tensors, _dict, _kind, _name
-from ..errors import UserError
+from ..process.errors import UserError
+from ..rundir.checkpoint import atomic_save, load_weights_only
+from ..rundir.checkpoint_values import Corrupt, _Tensors, _dict, _kind, _name
 
 KEYS = ("model_state_dict", "replay_buffer")
 MAX_TENSORS = 100_000

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..energy import LogDensity
-from ..log import get_logger, log_once
+from ..process.log import get_logger, log_once
 from ..sgld import NAMES, SGLD
 from .shape import Shape, chain_shape, check_fresh, unknown_shape_error
 

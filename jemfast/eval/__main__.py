@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import sys
 
-from ..cli import run_cli
-from ..log import setup_cli_logging
-from ..paths import check_writable_dir
+from ..options.cli import run_cli
+from ..process.log import setup_cli_logging
+from ..rundir.writable import check_writable_dir
 from .options import options_from_args
 from .runner import default_out, exit_on_signals, run_eval
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..config import Config
 from ..modes import eval_mode
+from ..options.config import Config
 from ..sgld import SGLD
 
 # eval_mode is imported from here by robustness.py; new code imports it from jemfast.modes

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..process.errors import UserError
 from .common import Skipped, logits_of, progress
 
 # extractor(x: Tensor[B, C, H, W] in [-1, 1]) -> (features: Tensor[B, D], logits: Tensor[B, K])

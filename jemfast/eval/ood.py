@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import DataBundle
-from ..log import get_logger
 from ..modes import eval_mode
+from ..process.log import get_logger
 from .common import Skipped, is_image, progress
 from .figures import plt, save
 from .metrics import auroc

@@ -11,9 +11,9 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from ..cli import OneLineParser
-from ..config import BACKENDS, DEVICES, FLAGS_BY_KEY, SEED_MAX, Config
-from ..schema import add_flags, check_fields, given_values, option
+from ..options.cli import OneLineParser
+from ..options.config import BACKENDS, DEVICES, FLAGS_BY_KEY, SEED_MAX, Config
+from ..options.schema import add_flags, check_fields, given_values, option
 from .ood import OOD_SETS, default_ood
 
 # the train flags that build an original JEM checkpoint's model (jemfast.compat.loading)
@@ -34,7 +34,7 @@ DEFAULT_ATTACK_N = {"digits": 100, "toy2d": 300, "images": 300}
 DEFAULT_PGD_STEPS = {"digits": 10, "toy2d": 10, "images": 20}  # the paper: 100 (x 20 restarts)
 
 
-# Each option declared once (jemfast.schema.option): the flags and validate() come from here.
+# Each option declared once (jemfast.options.schema.option): the flags and validate() come from here.
 @dataclass
 class EvalOptions:
     checkpoint: str = option(flag="--checkpoint", help="checkpoint file (e.g. RUN/checkpoints/last.pt)")

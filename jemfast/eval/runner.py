@@ -12,13 +12,13 @@ from typing import Any, Iterator
 import torch
 
 from .. import __version__
+from ..build import resolve_device
 from ..compat.loading import load_any_checkpoint
 from ..data import load_data
-from ..build import resolve_device
-from ..interrupt import handling_signals
-from ..log import get_logger, progress_safe_logging
-from ..rundir import write_json
-from ..runlock import RunLock
+from ..process.interrupt import handling_signals
+from ..process.log import get_logger, progress_safe_logging
+from ..rundir.directory import write_json
+from ..rundir.lock import RunLock
 from .common import Skipped, is_image, make_sampler
 from .options import EvalOptions, resolve_defaults
 from .report import write_report

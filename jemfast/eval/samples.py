@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from ..buffer import ReplayBuffer
-from ..config import Config
 from ..data import DataBundle
+from ..options.config import Config
 from .common import is_image, logits_of, make_sampler
 from .figures import mosaic_figure
 
@@ -106,7 +106,7 @@ def likely_real(model: nn.Module, data: DataBundle, per_class: int, out_dir: Pat
 def samples_part(model: nn.Module, cfg: Config, buffer: ReplayBuffer, data: DataBundle, n_steps: int,
                  per_class: int, backend: str, device: torch.device, out_dir: Path) -> dict[str, Any]:
     if not is_image(tuple(data.input_shape)):
-        from ..plots import save_toy2d_plot
+        from ..outputs.plots import save_toy2d_plot
 
         save_toy2d_plot(model, buffer.data[:2000], data.train.x[:2000], out_dir / "samples_buffer.png")
         return {"buffer": {"figure": "samples_buffer.png", "capacity": buffer.capacity}}

@@ -24,8 +24,8 @@ from typing import Callable
 
 import torch
 
-from ..errors import UserError
-from ..log import get_logger, log_once
+from ..process.errors import UserError
+from ..process.log import get_logger, log_once
 from .auto_rule import pick, size_class
 from .reference import reference_chain
 

@@ -11,8 +11,8 @@ import time
 import torch
 from torch import nn
 
-from ..interrupt import raise_if_stopped
-from ..log import get_logger, log_once
+from ..process.interrupt import raise_if_stopped
+from ..process.log import get_logger, log_once
 from .reference import EnergyOf, energy_of, sgld_chain, torch_update
 from .spec import ChainSpec
 

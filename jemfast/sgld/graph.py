@@ -31,7 +31,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from ..log import get_logger, log_once
+from ..process.log import get_logger, log_once
 from .fused import KernelNoise, chain_layout, kernel_update
 from .reference import sgld_chain
 from .spec import ChainSpec

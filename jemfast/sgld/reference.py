@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..interrupt import raise_if_stopped
+from ..process.interrupt import raise_if_stopped
 from .spec import ChainSpec
 
 # update(x, grad, step_size, noise_std, clamp, grad_clip) -> next x; may update x in place and return it
@@ -90,7 +90,7 @@ def sgld_chain(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, spec: 
     are never written. ``differentiable=True`` keeps every step's graph (``create_graph``) so the
     result can be differentiated w.r.t. the starting x (attacks through the chain); ``update``
     must then be out of place. ``params`` and ``cache`` go to :func:`energy_of`. A stop request
-    (:mod:`jemfast.interrupt`, e.g. SIGTERM) raises ``StopRequested`` between steps.
+    (:mod:`jemfast.process.interrupt`, e.g. SIGTERM) raises ``StopRequested`` between steps.
     """
     for _ in range(spec.n_steps):
         raise_if_stopped()

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from ..buffer import ReplayBuffer
-from ..config import check_value
 from ..energy import EnergyFunction, as_energy_model
 from ..modes import MODES, Mode, module_mode, precision_dtype
+from ..options.config import check_value
 from .backends import ChainFn, make_chain
 from .reference import reference_chain
 from .spec import ChainSpec

@@ -31,6 +31,7 @@ interpreter's own copies are how it emulates a launch, not ops of the region.
 from __future__ import annotations
 
 import contextlib
+import os
 import traceback
 import weakref
 from collections import Counter
@@ -58,7 +59,8 @@ _PY_READS = ("tolist", "numpy", "cpu")
 @dataclass(frozen=True)
 class SyncEvent:
     """One recorded op: ``kind`` (read | shape | copy | rng), the op's name, why it is recorded,
-    and where (the innermost jemfast/tests frame that called it, ``file:line``)."""
+    and where (the innermost frame of the checkout's own code that called it, as its path in the
+    checkout and line: ``jemfast/stability/monitor.py:146``)."""
 
     kind: str
     op: str
@@ -73,12 +75,12 @@ _SOURCE_ROOT = str(Path(__file__).resolve().parents[2])  # the checkout: jemfast
 
 
 def _caller() -> str:
-    """``dir/file.py:line`` of the innermost frame in the project's own code (not an installed
-    package: a venv's path may contain "jemfast" too, or lie inside the checkout)."""
+    """``path/in/checkout.py:line`` of the innermost frame in the project's own code (not an
+    installed package: a venv's path may contain "jemfast" too, or lie inside the checkout)."""
     for frame in reversed(traceback.extract_stack()[:-3]):
         name = frame.filename
-        if name.startswith(_SOURCE_ROOT) and "site-packages" not in name and not name.endswith("sync_check.py"):
-            return f"{name.rsplit('/', 2)[-2]}/{name.rsplit('/', 1)[-1]}:{frame.lineno}"
+        if name.startswith(_SOURCE_ROOT + os.sep) and "site-packages" not in name and not name.endswith("sync_check.py"):
+            return f"{os.path.relpath(name, _SOURCE_ROOT)}:{frame.lineno}"
     return "?"
 
 

@@ -1,7 +1,8 @@
 """Training metrics: averaged on the device by name, written to ``OUT/metrics.jsonl``.
 
 :class:`MetricWindow` sums each iteration's device scalars (no host sync) and hands back their
-means once per log interval (one sync). :class:`MetricsLog` appends one JSON object per line.
+means once per log interval (one sync). :class:`MetricsLog` appends one JSON object per line;
+:func:`log_metrics` writes a training run's line (under torchrun only rank 0 writes).
 After an automatic restart the run continues from an earlier iteration, so iteration numbers
 (``step``) repeat in metrics.jsonl after each ``{"event": "restart"}`` line.
 """
@@ -9,10 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..distributed import ranks
 
 
 class MetricWindow:
@@ -52,7 +56,7 @@ class MetricsLog:
 
     def _truncate_after(self, step: int) -> None:
         """Drop the iteration lines a killed run wrote after the checkpoint we resume from;
-        restart events are kept (the resumed run re-applies them, jemfast.resume)."""
+        restart events are kept (the resumed run re-applies them, jemfast.rundir.resume)."""
         kept = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
@@ -71,3 +75,20 @@ class MetricsLog:
 
     def close(self) -> None:
         self._f.close()
+
+
+def log_metrics(trainer: Any) -> None:
+    """One metrics.jsonl line: the means since the last one (one host sync), the learning rate,
+    images per second (all ranks' images: the global batch) and elapsed seconds."""
+    means = trainer.window.mean()
+    if not ranks.is_main():
+        return
+    now, n = time.perf_counter(), trainer.cfg.run.log_every
+    global_batch = trainer.cfg.optim.batch_size * ranks.world_size()
+    record = {"step": trainer.progress.step, "epoch": trainer.progress.epoch, **means, "lr": trainer.lr,
+              "images_per_s": n * global_batch / max(now - trainer.t_window, 1e-9),
+              "time": now - trainer.t0}
+    trainer.t_window = now
+    trainer.metrics.write(record)
+    trainer.bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['acc']:.3f}",
+                            img_s=f"{record['images_per_s']:.0f}")

@@ -28,7 +28,7 @@ import typing
 from functools import lru_cache
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from .errors import one_line
+from ..process.errors import one_line
 
 # The rules an option may carry (besides flag/help/action/metavar).
 RULES = ("lo", "hi", "gt", "lt", "choices", "check", "min_len", "unique", "sort")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from .errors import UserError, one_line
+from ..process.errors import UserError, one_line
 
 
 def check_writable_dir(path: str | Path, flag: str) -> Path:

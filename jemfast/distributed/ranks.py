@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import UserError, one_line
+from ..process.errors import UserError, one_line
 
 T = TypeVar("T")
 PR_SET_PDEATHSIG = 1  # prctl option, <linux/prctl.h>

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .build import build_model
-from .config import Config, validate
+from ..build import build_model
+from ..options.config import Config, validate
 
 MAX_CLASSES = 100_000
 MAX_INPUT_NUMEL = 1 << 26  # elements of one input (e.g. 3 x 4096 x 4096 is 50M)
@@ -41,7 +41,7 @@ OPTIMIZER_GROUP = {"adam": ("lr", "betas", "eps", "weight_decay"),
                    "sgd": ("lr", "momentum", "dampening", "weight_decay", "nesterov")}
 
 
-from .ckpt_values import MAX_INT, Corrupt, _kind, _name, shorten, _int, _num, _dict, _seq, _scalar, _Tensors  # noqa: F401  (shorten is used by checkpoint.py)
+from .checkpoint_values import MAX_INT, Corrupt, _kind, _name, shorten, _int, _num, _dict, _seq, _scalar, _Tensors  # noqa: F401  (shorten is used by checkpoint.py)
 
 
 def parse_checkpoint(raw: dict[str, Any], file_bytes: int, max_format: int) -> dict[str, Any]:

@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from . import __version__, distributed
-from .rundir import write_json
+from .. import __version__
+from ..distributed import ranks
+from ..rundir.directory import write_json
 
 
 def run_summary(trainer: Any, status: str, test_acc: float) -> dict[str, Any]:
@@ -24,8 +25,8 @@ def run_summary(trainer: Any, status: str, test_acc: float) -> dict[str, Any]:
         "torch_version": torch.__version__, "jemfast_version": __version__, "torch_threads": torch.get_num_threads(),
         "sgld_backend": trainer.sampler.backend, "restarts": trainer.recovery.restarts,
         "out": str(trainer.out), "stop_signal": trainer.stop_signal, "config": trainer.cfg.to_dict(),
-        "world_size": distributed.world_size(),
-        "global_batch": trainer.cfg.optim.batch_size * distributed.world_size(),
+        "world_size": ranks.world_size(),
+        "global_batch": trainer.cfg.optim.batch_size * ranks.world_size(),
     }
 
 

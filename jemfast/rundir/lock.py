@@ -9,7 +9,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from .errors import UserError
+from ..process.errors import UserError
 
 LOCK_NAME = ".lock"
 

@@ -1,4 +1,4 @@
-"""Typed readers for the values inside a checkpoint (used by :mod:`jemfast.ckpt_schema`).
+"""Typed readers for the values inside a checkpoint (used by :mod:`jemfast.rundir.checkpoint_schema`).
 
 Each ``read_*``/``_int``-style helper returns the value when it has the expected type and range
 and raises :class:`Corrupt` with a short reason otherwise; :class:`_Tensors` counts the bytes

@@ -22,7 +22,7 @@ good checkpoint intact.
 
 :func:`restart` carries out one restart; :class:`jemfast.train.Trainer` and
 :class:`jemfast.guard.Guard` (the same policy inside a user's own loop) both call it. Detection
-is :mod:`jemfast.stability`.
+is :mod:`jemfast.stability.monitor`.
 """
 from __future__ import annotations
 
@@ -30,9 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from .errors import one_line
-from .log import get_logger
-from .stability import DivergenceMonitor, clone_state
+import torch
+
+from ..process.errors import one_line
+from ..process.log import get_logger
+from .monitor import DivergenceMonitor
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -96,6 +98,27 @@ class GoodState:
     step: int
     state: dict[str, Any] | None = None
     path: Path | None = None
+
+
+def clone_state(obj: Any, into: Any = None) -> Any:
+    """Deep copy of a checkpoint dict (tensors cloned), so later training does not alias it.
+
+    ``into``: an earlier copy of the same structure; its tensors of the same shape, dtype and
+    device are overwritten in place instead of newly allocated (a snapshot refreshed every few
+    iterations then costs no second copy's memory).
+    """
+    if isinstance(obj, torch.Tensor):
+        if (isinstance(into, torch.Tensor) and into is not obj and into.shape == obj.shape
+                and into.dtype == obj.dtype and into.device == obj.device):
+            return into.copy_(obj.detach())
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        old = into if isinstance(into, dict) else {}
+        return {k: clone_state(v, old.get(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        old = into if type(into) is type(obj) and len(into) == len(obj) else [None] * len(obj)
+        return type(obj)(clone_state(v, o) for v, o in zip(obj, old))
+    return obj
 
 
 @dataclass

@@ -12,7 +12,7 @@ Collective decisions: every divergence check ORs the ranks' flags and takes the 
 signal number (:meth:`_reduce_flags`), so all ranks roll back, or stop and checkpoint, at the
 same iteration. Rank 0 alone takes the run lock, logs, and writes metrics, pictures, summary
 and checkpoints; a checkpoint gathers every rank's buffer shard and RNG states
-(:mod:`jemfast.shards`). Reading checkpoints is rank 0's too, which broadcasts them, so the
+(:mod:`jemfast.distributed.shards`). Reading checkpoints is rank 0's too, which broadcasts them, so the
 other nodes of a multi-node run need no shared file system.
 
 :func:`data_parallel` builds the class from :class:`jemfast.train.Trainer` (passed in, so this
@@ -27,13 +27,14 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import distributed
-from .buffer import ReplayBuffer
-from .config import SECTIONS, Config
-from .errors import UserError
-from .rundir import prepare_out, remove_stale_temp_files
+from ..buffer import ReplayBuffer
+from ..options.config import SECTIONS, Config
+from ..process.errors import UserError
+from ..rundir.directory import prepare_out, remove_stale_temp_files
+from ..stability.inject import InjectDivergence
+from ..stability.monitor import CAUSES
+from . import ranks
 from .shards import merge_shards
-from .stability import CAUSES, InjectDivergence
 
 # Testing aid: with --inject-divergence, blow up the model on this rank only.
 INJECT_RANK_ENV = "JEMFAST_TEST_INJECT_RANK"
@@ -73,23 +74,23 @@ def data_parallel(base: type) -> type:
 
     class DistributedTrainer(base):  # type: ignore[valid-type, misc]
         def __init__(self, cfg: Config, report: Any = None, hooks: Iterable[Any] = ()) -> None:
-            self.rank, self.world = distributed.rank(), distributed.world_size()
+            self.rank, self.world = ranks.rank(), ranks.world_size()
             self.cfg, self.report = cfg, report if self.rank == 0 else None
             if self.rank:
                 cfg.run.progress = False
             self.stop_agreed = False
-            self.device = distributed.agree(lambda: distributed.rank_device(cfg.run.device))
+            self.device = ranks.agree(lambda: ranks.rank_device(cfg.run.device))
             self.out, self.lock = Path(cfg.run.out), _NoLock()
 
             def take_out() -> None:
                 self.out, self.lock = prepare_out(cfg.run)
 
-            distributed.on_main(take_out)
+            ranks.on_main(take_out)
             try:
-                distributed.agree(lambda: self._build(cfg, hooks))
+                ranks.agree(lambda: self._build(cfg, hooks))
                 if self.rank == 0:
                     remove_stale_temp_files(self.out)
-                self.resume_step = distributed.agree(self._resume) if cfg.run.resume else None
+                self.resume_step = ranks.agree(self._resume) if cfg.run.resume else None
             except BaseException:
                 self.lock.release()
                 raise
@@ -114,7 +115,7 @@ def data_parallel(base: type) -> type:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.loss_model = DistributedDataParallel(self.model, device_ids=ids)  # broadcasts rank 0's weights
             self.monitor.reduce = self._reduce_flags
-            self.monitor.reduce_means = distributed.all_mean
+            self.monitor.reduce_means = ranks.all_mean
             inject_rank = os.environ.get(INJECT_RANK_ENV)
             if inject_rank not in (None, "") and int(inject_rank) != self.rank:
                 self.hooks = [h for h in self.hooks if not isinstance(h, InjectDivergence)]
@@ -123,11 +124,11 @@ def data_parallel(base: type) -> type:
             try:
                 return super().run()
             except RuntimeError as exc:
-                if not distributed.lost_peer(exc):
+                if not ranks.lost_peer(exc):
                     raise
-                raise distributed.peer_lost(exc, f"last good checkpoint: {self.recovery.last_good}; "
+                raise ranks.peer_lost(exc, f"last good checkpoint: {self.recovery.last_good}; "
                                                  f"continue with --resume") from None
-            finally:  # the DDP wrapper goes before the process group (distributed.session says why)
+            finally:  # the DDP wrapper goes before the process group (ranks.session says why)
                 self.loss_model = self.model
 
         # ---- collective decisions ------------------------------------------------------
@@ -135,7 +136,7 @@ def data_parallel(base: type) -> type:
             """The OR of every rank's divergence flags (one tiny all-reduce); a signal pending on
             any rank becomes every rank's stop decision."""
             bits = [(value >> i) & 1 for i in range(len(CAUSES))]
-            *bits, signum = distributed.all_max(bits + [self.stop_signal or 0])
+            *bits, signum = ranks.all_max(bits + [self.stop_signal or 0])
             if signum:
                 self.stop_agreed, self.stop_signal = True, signum
             return sum(b << i for i, b in enumerate(bits))
@@ -170,7 +171,7 @@ def data_parallel(base: type) -> type:
         def _write_checkpoint(self, state: dict[str, Any]) -> Path:
             mine = {"buffer": state["buffer"]["data"].detach().cpu(), "rng": _to_cpu(state["rng"]),
                     "checksum": param_checksum(self.model)}
-            gathered = distributed.gather_objects(mine)
+            gathered = ranks.gather_objects(mine)
 
             def write() -> str:
                 merged = merge_shards([g["buffer"] for g in gathered], self.buffer.n_classes,
@@ -180,15 +181,15 @@ def data_parallel(base: type) -> type:
                                         "param_checksums": [g["checksum"] for g in gathered]}}
                 return str(super(DistributedTrainer, self)._write_checkpoint(file_state))
 
-            return Path(distributed.on_main(write))
+            return Path(ranks.on_main(write))
 
         def _read_resume_checkpoint(self) -> tuple[dict[str, Any], Path, list[dict[str, Any]]]:
             def read() -> tuple[Any, ...]:
                 ckpt, path, lost = super(DistributedTrainer, self)._read_resume_checkpoint()
                 return _to_cpu(ckpt), str(path), lost, self.cfg.to_dict()
 
-            ckpt, path, lost, cfg = distributed.on_main(read)
-            if self.rank:  # the flags --resume kept from the checkpoint (jemfast.resume)
+            ckpt, path, lost, cfg = ranks.on_main(read)
+            if self.rank:  # the flags --resume kept from the checkpoint (jemfast.rundir.resume)
                 agreed = Config.from_dict(cfg)
                 for section in SECTIONS:
                     setattr(self.cfg, section, getattr(agreed, section))
@@ -196,7 +197,7 @@ def data_parallel(base: type) -> type:
             return ckpt, Path(path), lost
 
         def _read_fitting_checkpoint(self, path: Path) -> dict[str, Any]:
-            return distributed.on_main(lambda: _to_cpu(super(DistributedTrainer, self)._read_fitting_checkpoint(path)))
+            return ranks.on_main(lambda: _to_cpu(super(DistributedTrainer, self)._read_fitting_checkpoint(path)))
 
         def finish(self, status: str) -> dict[str, Any]:
             if self.rank == 0:

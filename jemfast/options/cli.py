@@ -1,7 +1,7 @@
 """Command line of ``python -m jemfast.train``: flags -> validated :class:`Config`.
 
 Every flag is generated from the declarations on the config's dataclass fields
-(:mod:`jemfast.config`, :func:`jemfast.schema.add_flags`). Precedence: the paper's defaults <
+(:mod:`jemfast.options.config`, :func:`jemfast.options.schema.add_flags`). Precedence: the paper's defaults <
 the dataset's preset (digits, toy2d) < flags given. Every user error becomes one line on stderr
 and exit code 2 (:func:`run_cli`).
 """
@@ -12,8 +12,8 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from ..process.errors import DivergenceExhausted, UserError, one_line
 from .config import Config, build_config
-from .errors import DivergenceExhausted, UserError, one_line
 from .schema import add_flags, given_values
 
 
@@ -39,7 +39,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
 
 def run_cli(fn: Callable[[], int], prog: str) -> int:
     """Run ``fn``; user errors print one line and return their exit code. Under torchrun only
-    rank 0 prints (jemfast.distributed makes it report the other ranks' errors)."""
+    rank 0 prints (jemfast.distributed.ranks makes it report the other ranks' errors)."""
     def say(message: str) -> None:
         if os.environ.get("RANK", "0") in ("", "0"):
             sys.stderr.write(f"{prog}: {message}\n")

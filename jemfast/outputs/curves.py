@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..distributed import ranks
+
 PANELS = (("loss", ("loss", "loss_ce")), ("energy", ("e_real", "e_fake")), ("accuracy", ("acc", "valid_acc")),
           ("gradient norm", ("grad_norm",)))
 LABELS = {"loss": "loss", "loss_ce": "cross-entropy", "e_real": "E(real)", "e_fake": "E(fake)",
@@ -90,3 +92,9 @@ def save_curves(metrics_path: Path, png_path: Path, title: str = "") -> Path | N
     plt.close(fig)
     tmp.replace(png_path)
     return png_path
+
+
+def save_training_curves(trainer: Any) -> None:
+    """OUT/curves.png from the metrics written so far (:func:`save_curves`; rank 0 only)."""
+    if ranks.is_main():
+        save_curves(trainer.out / "metrics.jsonl", trainer.out / "curves.png")

@@ -1,6 +1,6 @@
 """Run configuration: nested dataclasses, declared and validated in one place.
 
-Each field carries its flag, help and bounds (:func:`jemfast.schema.option`); ``python -m
+Each field carries its flag, help and bounds (:func:`jemfast.options.schema.option`); ``python -m
 jemfast.train``'s flags and :func:`validate` are generated from them. Build configs with
 :func:`build_config` (defaults < preset < dotted overrides), :meth:`Config.from_dict` or
 :meth:`Config.with_overrides`; check single values with :func:`check_value`.
@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .errors import one_line
+from ..process.errors import one_line
 from .schema import Kind, check_field, check_fields, declared, label_of, option, show
 
 DATASETS = ("cifar10", "cifar100", "svhn", "digits", "digits32", "toy2d")
@@ -42,8 +42,8 @@ def _not_empty(s: str) -> str | None:
     return None if s.strip() else "must be a directory path"
 
 
-# Each field is declared once: default, flag, help and bounds (jemfast.schema.option). The
-# command line (jemfast.cli) and validate() are generated from these declarations. Upper bounds
+# Each field is declared once: default, flag, help and bounds (jemfast.options.schema.option). The
+# command line (jemfast.options.cli) and validate() are generated from these declarations. Upper bounds
 # keep absurd values (1e12 rows, 2**64 seeds) from reaching an allocator or an RNG.
 @dataclass
 class DataConfig:
@@ -135,7 +135,7 @@ class StabilityConfig:
     max_sample_abs: float = option(1e3, "--max-sample-abs", "max |x_fake| above this counts as divergence", gt=0.0)
     max_grad_norm: float = option(1e5, "--max-grad-norm", "gradient L2 norm above this counts as divergence",
                                   gt=0.0)
-    # Relative tests (jemfast.stability): log(1 + |energy gap|) or log(1 + grad norm) more than
+    # Relative tests (jemfast.stability.monitor): log(1 + |energy gap|) or log(1 + grad norm) more than
     # relative_z robust stds above its median over the last relative_window iterations.
     relative_z: float = option(8.0, "--relative-z",
                                "divergence: |E(real)-E(fake)| or the gradient norm this many robust stds (log "
@@ -176,7 +176,7 @@ class RunConfig:
                                  action="store_true")
     progress: bool = option(True, "--no-progress", "no progress bar", action="store_false")
     threads: int = option(0, "--threads", "torch CPU threads (0: auto: torch's count, at most the CPUs this "
-                          "process may use; jemfast.threads)", lo=0, hi=65536)
+                          "process may use; jemfast.process.threads)", lo=0, hi=65536)
 
 
 SECTIONS = ("data", "model", "optim", "sampler", "loss", "stability", "run")

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from .data import Split
+from ..data import Split
 
 InitFn = Callable[[int, "torch.Tensor | None"], torch.Tensor]
 

@@ -12,7 +12,7 @@ weights_only=True)`` reads it; a file carrying any other pickled object is refus
 Format 1 (jemfast 0.1 before this layout) kept the learning-rate factor under
 ``scheduler.lr_scale`` and the restart list at the top level; it is still read.
 
-:func:`read_checkpoint` checks a file's whole structure (:mod:`jemfast.ckpt_schema`) before any
+:func:`read_checkpoint` checks a file's whole structure (:mod:`jemfast.rundir.checkpoint_schema`) before any
 of it is used, so a wrong or hostile file is one "corrupt" line and ``--resume`` moves on to
 an older checkpoint; :func:`restore_training_state` is all or nothing.
 
@@ -36,15 +36,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .build import build_buffer, build_model
-from .ckpt_schema import Corrupt, parse_checkpoint, shorten
-from .config import Config
-from .buffer import ReplayBuffer
-from .errors import UserError
-from .sgld import SGLD
-from .recovery import RecoveryState
-from .stability import clone_state
+from .. import __version__
+from ..buffer import ReplayBuffer
+from ..build import build_buffer, build_model
+from ..options.config import Config
+from ..process.errors import UserError
+from ..sgld import SGLD
+from ..stability.recovery import RecoveryState, clone_state
+from .checkpoint_schema import Corrupt, parse_checkpoint, shorten
 
 FORMAT_VERSION = 2
 # Testing aid: seconds to pause between writing a checkpoint's bytes and renaming it into place.
@@ -120,7 +119,7 @@ def load_weights_only(path: str | Path, map_location: str | torch.device = "cpu"
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint weights-only and check its whole structure (:mod:`jemfast.ckpt_schema`).
+    """Read a checkpoint weights-only and check its whole structure (:mod:`jemfast.rundir.checkpoint_schema`).
 
     Returns the clean checkpoint dict (current format, only the known keys). Raises UserError
     (one line) when the file is missing, not an uncompressed zip archive, truncated, carries

@@ -8,7 +8,7 @@ Layout::
     OUT/checkpoints/good-STEP.pt the last ``good_ring`` checkpoints that passed a divergence check
     OUT/checkpoints/last.pt      hard link to (or copy of) the newest good-STEP.pt
     OUT/checkpoints/best.pt      best validation accuracy so far
-    OUT/.lock                    held by the one process writing the run (jemfast.runlock)
+    OUT/.lock                    held by the one process writing the run (jemfast.rundir.lock)
     OUT/.previous-run/           --overwrite: the old run, until the new one has a checkpoint
 """
 from __future__ import annotations
@@ -20,11 +20,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..options.config import RunConfig
+from ..process.errors import UserError
+from ..process.log import get_logger
 from .checkpoint import atomic_save
-from .config import RunConfig
-from .errors import UserError
-from .log import get_logger
-from .runlock import RunLock
+from .lock import RunLock
 
 log = get_logger(__name__)
 

@@ -23,12 +23,12 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .buffer import ReplayBuffer
+from ..buffer import ReplayBuffer
+from ..options.config import Config
+from ..process.errors import UserError
+from ..process.log import get_logger
 from .checkpoint import fits_run, read_checkpoint
-from .config import Config
-from .errors import UserError
-from .log import get_logger
-from .rundir import checkpoint_candidates
+from .directory import checkpoint_candidates
 
 log = get_logger(__name__)
 

@@ -14,23 +14,23 @@ checkpoint) :meth:`DivergenceMonitor.check` reads it once. Two kinds of test:
   ``log(1 + v)`` is a log scale above 1 (energies are in nats) and flat below it, so a gap
   wandering between 0.001 and 0.5 nats early in training is not read as a thousandfold jump.
 
-The collapse tests of :mod:`jemfast.collapse` (energy gap drifting away, train accuracy to
+The collapse tests of :mod:`jemfast.stability.collapse` (energy gap drifting away, train accuracy to
 chance) run on the host at each check, on the interval means read in the same sync.
 
-The recovery policy that answers a detection is in :mod:`jemfast.recovery`.
+The recovery policy that answers a detection is in :mod:`jemfast.stability.recovery`.
 """
 from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import torch
 
-from .collapse import DRIFT_FLOOR, SUDDEN_GROWTH, IntervalStats, accuracy_collapsed, gap_drifting
-from .collapse import onset as collapse_onset
-from .config import StabilityConfig
-from .log import get_logger
+from ..options.config import StabilityConfig
+from ..process.log import get_logger
+from .collapse import (DRIFT_FLOOR, SUDDEN_GROWTH, IntervalStats, accuracy_collapsed, gap_drifting,
+                       onset as collapse_onset)
 
 log = get_logger(__name__)
 
@@ -44,7 +44,7 @@ CAUSES = (
     "gradient norm too large",
     "energy gap jumped far above its recent range",
     "gradient norm jumped far above its recent range",
-    # judged on the host at a check, from the interval means (jemfast.collapse)
+    # judged on the host at a check, from the interval means (jemfast.stability.collapse)
     "energy gap drifting away (E(real) and E(fake) separating)",
     "train accuracy fell to chance",
 )
@@ -68,7 +68,7 @@ class DivergenceMonitor:
         self.cfg = cfg
         self.n_classes = n_classes  # for "train accuracy fell to chance"; None: that test is off
         self.flags = torch.zeros((), dtype=torch.int64, device=device)
-        # under torchrun: ORs the flags of every rank (jemfast.ddp_trainer), so all roll back together,
+        # under torchrun: ORs the flags of every rank (jemfast.distributed.trainer), so all roll back together,
         # and averages the interval means, so every rank dates a collapse alike
         self.reduce: Callable[[int], int] | None = None
         self.reduce_means: Callable[[list[float]], list[float]] | None = None
@@ -137,7 +137,7 @@ class DivergenceMonitor:
         (default: the number of iterations observed): ``None`` if healthy, else the causes joined
         by '; '.
 
-        The interval means join :attr:`series`, where the collapse tests of :mod:`jemfast.collapse`
+        The interval means join :attr:`series`, where the collapse tests of :mod:`jemfast.stability.collapse`
         read them. A healthy check also records the monitor's state at ``step``, so that a
         rollback to that step (:meth:`rewind`) judges the restarted run against the history it had
         then: no new warm-up after a restart.
@@ -182,7 +182,7 @@ class DivergenceMonitor:
         self._states = {s: self._states[s] for s in keep}
 
     def onset(self) -> int:
-        """The iteration the divergence just detected began at (:func:`jemfast.collapse.onset`);
+        """The iteration the divergence just detected began at (:func:`jemfast.stability.collapse.onset`);
         when its growth reaches back past the intervals kept, the newest good state before them."""
         began = collapse_onset(self.series)
         if self.series and began < self.series[0].step:
@@ -191,7 +191,7 @@ class DivergenceMonitor:
 
     def gradual(self, onset: int) -> bool:
         """True when the divergence dated to ``onset`` built up over more than the last interval
-        and did not end in a jump of :data:`jemfast.collapse.SUDDEN_GROWTH` or more (or to NaN):
+        and did not end in a jump of :data:`jemfast.stability.collapse.SUDDEN_GROWTH` or more (or to NaN):
         a natural collapse grows x3 to x100 per interval; a blow-up out of nowhere, as
         ``--inject-divergence`` makes, x1e4 in one."""
         if len(self.series) < 2 or onset >= self.series[-2].step:
@@ -202,7 +202,7 @@ class DivergenceMonitor:
 
     def chains_lagging(self) -> bool:
         """True when the last interval's energy gap had run away below zero (E(real) under
-        E(fake) by more than :data:`jemfast.collapse.DRIFT_FLOOR`): the samples could not follow."""
+        E(fake) by more than :data:`jemfast.stability.collapse.DRIFT_FLOOR`): the samples could not follow."""
         return bool(self.series) and self.series[-1].gap < -DRIFT_FLOOR
 
     def rewind(self, step: int) -> None:
@@ -221,56 +221,3 @@ class DivergenceMonitor:
         self.flags.zero_()
         self.interval.zero_()
         self.count = 0
-
-
-def gradient_norm(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
-    """Device scalar: the global L2 norm of ``model``'s parameter gradients now (0 if none)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads).to(device) if grads else torch.zeros((), device=device)
-
-
-def clone_state(obj: Any, into: Any = None) -> Any:
-    """Deep copy of a checkpoint dict (tensors cloned), so later training does not alias it.
-
-    ``into``: an earlier copy of the same structure; its tensors of the same shape, dtype and
-    device are overwritten in place instead of newly allocated (a snapshot refreshed every few
-    iterations then costs no second copy's memory).
-    """
-    if isinstance(obj, torch.Tensor):
-        if (isinstance(into, torch.Tensor) and into is not obj and into.shape == obj.shape
-                and into.dtype == obj.dtype and into.device == obj.device):
-            return into.copy_(obj.detach())
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        old = into if isinstance(into, dict) else {}
-        return {k: clone_state(v, old.get(k)) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        old = into if type(into) is type(obj) and len(into) == len(obj) else [None] * len(obj)
-        return type(obj)(clone_state(v, o) for v, o in zip(obj, old))
-    return obj
-
-
-class InjectDivergence:
-    """Testing aid, as a training hook: at iteration ``step`` (first pass only, never after a
-    restart) blow up the model with :func:`inject_divergence`."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-        self.done = False
-
-    def __call__(self, trainer: Any) -> None:
-        if not self.done and trainer.progress.step == self.step and not trainer.recovery.restarts:
-            self.done = True
-            inject_divergence(trainer.model)
-
-
-def inject_divergence(model: torch.nn.Module) -> None:
-    """Testing aid: blow up the classifier's output scale, as a diverging JEM's logits do.
-
-    Multiplies every parameter of the last ``nn.Linear`` by 1e4, so energies and the
-    energy gap leave any sane range within the iteration.
-    """
-    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
-    with torch.no_grad():
-        for p in last.parameters():
-            p.mul_(1e4)

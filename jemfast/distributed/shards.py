@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .log import get_logger
+from ..process.log import get_logger
 
 log = get_logger(__name__)
 _PAD_SEED = 12345  # padding rows come from their own generator: the run's RNG streams are untouched
@@ -56,10 +56,10 @@ def split_shard(full: torch.Tensor, n_classes: int | None, world: int, rank: int
 
 
 def fresh_rng_state(seed: int) -> dict[str, Any]:
-    """The RNG states (as :func:`jemfast.checkpoint.rng_state`) right after seeding with ``seed``;
+    """The RNG states (as :func:`jemfast.rundir.checkpoint.rng_state`) right after seeding with ``seed``;
     the live RNG states are left as they were."""
-    from .build import seed_all
-    from .checkpoint import rng_state, set_rng_state
+    from ..build import seed_all
+    from ..rundir.checkpoint import rng_state, set_rng_state
 
     saved = rng_state()
     seed_all(seed)

@@ -1,11 +1,15 @@
-"""PNG pictures: sample grids for images, density + samples for 2-D data."""
+"""PNG pictures: sample grids for images, density + samples for 2-D data; a training run's
+pictures in OUT/samples (under torchrun only rank 0 draws them)."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from ..distributed import ranks
 
 
 def save_image_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None,
@@ -56,3 +60,21 @@ def save_toy2d_plot(model: torch.nn.Module, samples: torch.Tensor, data: torch.T
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def save_samples(trainer: Any, x: torch.Tensor, name: str) -> None:
+    """A grid of ``x: Tensor[B, C, H, W]`` (first 64), or a 2-D density plot, as OUT/samples/name."""
+    if not ranks.is_main():
+        return
+    path = trainer.out / "samples" / name
+    if len(trainer.data.input_shape) == 3:
+        save_image_grid(x[:64], path)
+    else:
+        save_toy2d_plot(trainer.model, trainer.buffer.data[:2000], trainer.data.train.x[:2000], path)
+
+
+def save_buffer_grid(trainer: Any, name: str) -> None:
+    """A grid of buffer rows spread over the whole buffer (rank 0's shard; no RNG used)."""
+    buffer = trainer.buffer
+    rows = torch.linspace(0, buffer.capacity - 1, min(100, buffer.capacity)).long()
+    save_samples(trainer, buffer.data[rows.to(buffer.device)], name)
