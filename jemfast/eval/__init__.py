@@ -5,6 +5,12 @@ max_y p(y|x) and -||d log p(x)/dx||), samples (short-run chains, replay buffer, 
 likely real images), robustness (PGD L2/L-inf through 0/1/10 SGLD refinement steps),
 generation (Inception Score / FID when Inception weights are present).
 
+Files: :mod:`.options` (the command's flags, declared once), :mod:`.runner` (runs the parts),
+one module per part (:mod:`.calibration`, :mod:`.ood`, :mod:`.robustness`, :mod:`.generation`,
+:mod:`.samples`), :mod:`.metrics` (ECE, AUROC through scikit-learn, FID/IS through the standard
+FID Inception network), :mod:`.report` and :mod:`.figures` (report.md and the PNGs),
+:mod:`.common` (what the parts share).
+
 Library use: ``run_eval(options_from_args([...]))`` or the parts' functions directly, e.g.
 :func:`jemfast.eval.metrics.expected_calibration_error`, :func:`jemfast.eval.metrics.auroc`,
 :func:`jemfast.eval.ood.ood_scores`, :func:`jemfast.eval.robustness.pgd_robust`,
