@@ -8,15 +8,19 @@ sees the same machine state; the test prints median and range per policy and sce
 1-minute load average, and records them.
 
 Policies: ``jemfast default`` is what ``python -m jemfast.train`` does (jemfast imported before
-torch: ``GOMP_SPINCOUNT=2000``, a short spin, then sleep); ``PASSIVE`` (sleep at once, jemfast's
-earlier default); ``libgomp default`` (torch imported first: spin 300,000 times); ``ACTIVE``
-(spin forever); ``JEMFAST_BENCH_SPINS`` (comma list of spin counts) adds a
+torch: ACTIVE when the CPUs are free at start, PASSIVE when they are not; jemfast.process.threads);
+``PASSIVE`` (sleep at once); ``ACTIVE`` (spin for ever); ``libgomp default`` (torch imported
+first: spin 300,000 times, then sleep); ``spin 2000`` (``GOMP_SPINCOUNT=2000``, jemfast's
+default before). ``JEMFAST_BENCH_POLICIES`` picks them (comma list, or ``all``; CI's quick mode:
+``jemfast default,PASSIVE,ACTIVE``), ``JEMFAST_BENCH_SPINS`` (comma list of spin counts) adds a
 ``GOMP_SPINCOUNT=N`` policy for each. All use torch's default thread count (2 here).
 
 Scenarios (``JEMFAST_BENCH_SCENARIOS``, comma list; CI's quick mode runs ``quiet,hog``):
-``quiet``; ``training`` beside a second digits training (jemfast default policy, looping);
-``trials`` beside two single-thread digits trainings (what a Ray Tune experiment with 2 trials of
-1 CPU each runs); ``hog`` beside one CPU-bound Python process.
+``quiet``; ``training`` beside a second digits training (jemfast default policy, looping,
+started first); ``trials`` beside two single-thread digits trainings (what a Ray Tune experiment
+with 2 trials of 1 CPU each runs); ``hog`` beside one CPU-bound Python process; ``hog-later``:
+the hog starts 5 s after the measured process, once its policy is chosen (load that arrives
+after the start, which the default does not follow).
 """
 from __future__ import annotations
 
@@ -31,17 +35,19 @@ from pathlib import Path
 from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
-OMP_VARS = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")
+OMP_VARS = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "JEMFAST_OMP_WAIT")
 # name -> (import torch before jemfast, OpenMP environment)
 POLICIES: dict[str, tuple[bool, dict[str, str]]] = {
     "jemfast default": (False, {}),
     "PASSIVE": (False, {"OMP_WAIT_POLICY": "PASSIVE"}),
-    "libgomp default": (True, {}),
     "ACTIVE": (False, {"OMP_WAIT_POLICY": "ACTIVE"}),
+    "libgomp default": (True, {}),
+    "spin 2000": (False, {"GOMP_SPINCOUNT": "2000"}),
 }
 POLICIES.update({f"GOMP_SPINCOUNT={n}": (False, {"GOMP_SPINCOUNT": n})
                  for n in filter(None, os.environ.get("JEMFAST_BENCH_SPINS", "").split(","))})
-SCENARIOS = ("quiet", "training", "trials", "hog")
+SCENARIOS = ("quiet", "training", "trials", "hog", "hog-later")
+QUICK_POLICIES = "jemfast default,PASSIVE,ACTIVE"
 
 
 def worker(torch_first: bool, iters: int, forever: bool = False) -> None:
@@ -113,11 +119,24 @@ def background(scenario: str) -> Iterator[None]:
             p.wait()
 
 
-def run_policy(name: str, iters: int) -> dict:
+def run_policy(name: str, iters: int, hog_after: float | None = None) -> dict:
+    """One worker's result under policy ``name``; ``hog_after``: a CPU hog starts that many
+    seconds after the worker (and runs until it ends)."""
     torch_first, omp_env = POLICIES[name]
-    proc = subprocess.run(_code(torch_first, iters), cwd=REPO, env=_env(omp_env), capture_output=True, text=True,
-                          timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = subprocess.Popen(_code(torch_first, iters), cwd=REPO, env=_env(omp_env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    hog = None
+    if hog_after is not None:
+        time.sleep(hog_after)
+        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        out, err = proc.communicate(timeout=1200)
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+    assert proc.returncode == 0, err[-2000:]
+    return {**json.loads(out.strip().splitlines()[-1]), "load_1min": os.getloadavg()[0]}
     return {**json.loads(proc.stdout.strip().splitlines()[-1]), "load_1min": os.getloadavg()[0]}
 
 
@@ -126,14 +145,18 @@ def test_quickstart_iterations_per_second_by_wait_policy_and_load(record_propert
     iters = int(os.environ.get("JEMFAST_BENCH_ITERS", "30"))
     scenarios = os.environ.get("JEMFAST_BENCH_SCENARIOS", "quiet,hog").split(",")
     assert set(scenarios) <= set(SCENARIOS), scenarios
+    chosen = os.environ.get("JEMFAST_BENCH_POLICIES", QUICK_POLICIES)
+    names = list(POLICIES) if chosen == "all" else chosen.split(",")
+    names += [n for n in POLICIES if n.startswith("GOMP_SPINCOUNT=") and n not in names]
+    assert {"jemfast default", "PASSIVE"} <= set(names) <= set(POLICIES), names
     print(f"\ndigits preset, {iters} iterations per run, {rounds} interleaved round(s), {os.cpu_count()} CPUs "
           f"(it/s: median [min, max]; load = 1-min load average)")
     for scenario in scenarios:
-        results: dict[str, list[dict]] = {name: [] for name in POLICIES}
+        results: dict[str, list[dict]] = {name: [] for name in names}
         with background(scenario):
             for r in range(rounds):
-                for name in (list(POLICIES) if r % 2 == 0 else list(reversed(POLICIES))):
-                    results[name].append(run_policy(name, iters))
+                for name in (names if r % 2 == 0 else names[::-1]):
+                    results[name].append(run_policy(name, iters, 5.0 if scenario == "hog-later" else None))
         medians = {name: statistics.median(run["it_per_s"] for run in runs) for name, runs in results.items()}
         print(f" {scenario}:")
         for name, runs in results.items():
@@ -146,7 +169,10 @@ def test_quickstart_iterations_per_second_by_wait_policy_and_load(record_propert
         best = max(medians.values())
         print(f"  jemfast default / fastest: {medians['jemfast default'] / best:.2f}; "
               f"/ PASSIVE: {medians['jemfast default'] / medians['PASSIVE']:.2f}")
-        # the settings took effect in each worker
-        assert results["jemfast default"][0]["wait_policy"] == "GOMP_SPINCOUNT=2000"
-        assert results["PASSIVE"][0]["wait_policy"] == "OMP_WAIT_POLICY=PASSIVE"
-        assert results["libgomp default"][0]["wait_policy"].startswith("libgomp default")
+        # the settings took effect in each worker: jemfast's own choice follows the load at its start
+        started_loaded = scenario in ("training", "trials", "hog")
+        assert results["jemfast default"][0]["wait_policy"].startswith(
+            "OMP_WAIT_POLICY=PASSIVE:" if started_loaded else "OMP_WAIT_POLICY=ACTIVE:")
+        assert results["PASSIVE"][0]["wait_policy"].startswith("OMP_WAIT_POLICY=PASSIVE (set by the user)")
+        if "libgomp default" in results:
+            assert results["libgomp default"][0]["wait_policy"].startswith("libgomp default")

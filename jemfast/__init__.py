@@ -21,9 +21,10 @@ _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if _os.path.isfile(_os.path.join(_root, "pyproject.toml")) and _os.path.isfile(_os.path.join(_root, "kernels", "__init__.py")):
     __path__.append(_root)  # type: ignore[name-defined]
 
-from .process.threads import prefer_bounded_spin  # noqa: E402
+from .process.threads import choose_wait_policy  # noqa: E402
 
-prefer_bounded_spin()  # before the first `import torch` below (jemfast.process.threads says why)
+if "torch" not in _sys.modules:  # libgomp reads the policy when torch is first imported
+    choose_wait_policy()  # before the first `import torch` below (jemfast.process.threads says why)
 
 from .buffer import ReplayBuffer  # noqa: E402
 from .rundir.checkpoint import load_checkpoint  # noqa: E402

@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import os
 
-# Importing jemfast before torch bounds OpenMP's spin-wait (jemfast.process.threads says why); test
+# Under pytest-xdist (the README's `-n 2`) every worker, and every process a test starts, uses one
+# torch thread: these tests are small, two workers at one thread each keep both cores busy, and
+# two threads each would oversubscribe them. A thread count set by the user is kept.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Importing jemfast before torch chooses OpenMP's wait policy (jemfast.process.threads says why); test
 # modules import torch first, so import jemfast here, before any of them.
 import jemfast  # noqa: F401,E402
 
@@ -64,6 +70,12 @@ def start_train(args: list[str], stderr: Any = subprocess.PIPE, env: dict | None
     ``env`` adds to this process's environment."""
     return subprocess.Popen([sys.executable, "-m", "jemfast.train", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=stderr, text=True, env={**os.environ, **(env or {})})
+
+
+def outside_xdist_env() -> dict[str, str]:
+    """This process's environment without pytest-xdist's worker variables: a pytest that a test
+    starts must not take itself for an xdist worker (pytest-benchmark then times nothing)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
 
 
 def wait_until(pred: Callable[[], bool], timeout: float, poll: float = 0.02) -> bool:

@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, outside_xdist_env
 
 STEPS = ["machine", "kernel-tests", "gpu-tests", "wrn-iteration", "wrn-chain"]
 ENV = {"JEMFAST_ALLOW_CPU": "1", "JEMFAST_NO_INSTALL": "1", "JEMFAST_BENCH_QUICK": "1", "CUDA_VISIBLE_DEVICES": "",
@@ -28,7 +28,7 @@ ENV = {"JEMFAST_ALLOW_CPU": "1", "JEMFAST_NO_INSTALL": "1", "JEMFAST_BENCH_QUICK
 
 def _first(out, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), "first", str(out)], capture_output=True,
-                          text=True, cwd=REPO, timeout=900, env={**os.environ, **ENV, **env})
+                          text=True, cwd=REPO, timeout=900, env={**outside_xdist_env(), **ENV, **env})
 
 
 def _status(out) -> list[list[str]]:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, outside_xdist_env
+
 GPU_SH = REPO / "bench" / "gpu.sh"
 
 
@@ -34,7 +35,7 @@ def _bench_module(name: str):
 
 def _gpu_sh(*args: str, env: dict | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(GPU_SH), *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, cwd=REPO)
+                          env={**outside_xdist_env(), **(env or {})}, cwd=REPO)
 
 
 @pytest.mark.parametrize("args", [[], ["check"], ["nope", "OUT"], ["check", ""], ["check", "a", "b"]],
@@ -139,7 +140,7 @@ def test_layout_script_runs_its_flow_on_the_cpu(tmp_path):
     r = subprocess.run([sys.executable, "bench/layout.py", str(out), "--trace", str(trace), "--device", "cpu",
                         "--backend", "reference", "--workload", "cnn8", "--precision", "fp32", "--steps", "2",
                         "--rounds", "1"], capture_output=True, text=True, cwd=REPO, timeout=600,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
+                       env={**outside_xdist_env(), "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["kind"] == "jemfast-gpu-layout" and data["steps"] == 2

@@ -3,6 +3,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -48,34 +49,85 @@ def test_threads_flag_must_not_be_negative():
         validate(cfg)
 
 
-def gomp_spin_count(code: str, omp_env: dict[str, str]) -> str | None:
+def gomp_spin_count(code: str, omp_env: dict[str, str]) -> tuple[str | None, str]:
     """libgomp's effective spin count (GOMP_SPINCOUNT, printed by OMP_DISPLAY_ENV=VERBOSE when it
-    starts) in a fresh interpreter running ``code`` with ``omp_env`` set; None where OpenMP is not
-    libgomp."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    env["OMP_DISPLAY_ENV"] = "VERBOSE"
-    env.update(omp_env)
+    starts; None where OpenMP is not libgomp) in a fresh interpreter running ``code`` with
+    ``omp_env`` set and two torch threads, and what ``code`` printed."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", threads.CHOICE_VAR)}
+    env.update({"OMP_DISPLAY_ENV": "VERBOSE", "OMP_NUM_THREADS": "2", **omp_env})
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     found = re.search(r"GOMP_SPINCOUNT = '(\d+)'", proc.stdout + proc.stderr)
-    return found.group(1) if found else None
+    printed = [line for line in proc.stdout.splitlines() if line.startswith("choice:")]
+    return (found.group(1) if found else None), (printed[0] if printed else "")
 
 
-def test_importing_jemfast_first_bounds_the_openmp_spin_and_the_user_setting_wins():
-    spin_default = gomp_spin_count("import torch, jemfast", {})  # torch first: libgomp's default
+CHOICE = "import os, jemfast, torch; torch.ones(2).sum(); print('choice:', os.environ.get('JEMFAST_OMP_WAIT'))"
+
+
+def test_importing_jemfast_first_chooses_the_wait_policy_and_the_user_setting_wins():
+    spin_default, _ = gomp_spin_count("import torch, jemfast", {})  # torch first: libgomp's default
     if spin_default is None:
         pytest.skip("torch's OpenMP runtime here is not libgomp (no GOMP_SPINCOUNT to read)")
     assert int(spin_default) == 300000
-    assert gomp_spin_count("import jemfast, torch", {}) == threads.BOUNDED_SPIN
-    assert gomp_spin_count("import jemfast, torch", {"OMP_WAIT_POLICY": "PASSIVE"}) == "0"  # the user's choice wins
-    assert int(gomp_spin_count("import jemfast, torch", {"OMP_WAIT_POLICY": "ACTIVE"})) > 300000
-    assert gomp_spin_count("import jemfast, torch", {"GOMP_SPINCOUNT": "12345"}) == "12345"
+    spins, choice = gomp_spin_count(CHOICE, {})  # jemfast first: its choice, from the load now
+    assert choice.startswith(("choice: ACTIVE:", "choice: PASSIVE:")), choice
+    if "ACTIVE" in choice:
+        assert int(spins) > 300000  # libgomp's "for ever"
+    else:
+        assert spins == "0"
+    assert gomp_spin_count(CHOICE, {"OMP_WAIT_POLICY": "PASSIVE"}) == ("0", "choice: None")  # the user's wins
+    assert gomp_spin_count(CHOICE, {"GOMP_SPINCOUNT": "12345"}) == ("12345", "choice: None")
+    # a parent's choice is made again: a busy child that inherited ACTIVE from a quiet parent sleeps
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1.0)
+        spins, choice = gomp_spin_count(CHOICE, {"OMP_WAIT_POLICY": "ACTIVE", threads.CHOICE_VAR: "ACTIVE: quiet",
+                                                 "OMP_NUM_THREADS": str(threads.available_cpus())})
+    finally:
+        hog.kill()
+        hog.wait()
+    if threads.available_cpus() <= 2:  # one hog leaves fewer free CPUs than threads only on a small machine
+        assert choice.startswith("choice: PASSIVE:") and spins == "0", (choice, spins)
+
+
+def fake_stat(path, busy: int, idle: int, cpus: int = 2) -> None:
+    lines = [f"cpu  {busy} 0 0 {idle} 0 0 0 0 0 0"] + [f"cpu{i} 0 0 0 0 0 0 0 0 0 0" for i in range(cpus)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_busy_cpus_reads_the_change_over_the_sample(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    fake_stat(stat, busy=1000, idle=1000)
+    monkeypatch.setattr(threads.time, "sleep", lambda s: fake_stat(stat, busy=1006, idle=1006))
+    assert threads.busy_cpus(0.06, stat) == (1.0, 2)  # 6 busy of 12 ticks on 2 CPUs: one busy
+    assert threads.busy_cpus(0.06, tmp_path / "missing") is None
+
+
+def test_the_choice_follows_free_cpus_and_one_thread_chooses_nothing(monkeypatch):
+    for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", threads.CHOICE_VAR):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(threads, "available_cpus", lambda: 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert threads.choose_wait_policy(lambda: (0.1, 2)).startswith("ACTIVE: 0.1 of 2 CPUs busy")
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert threads.wait_policy().startswith("OMP_WAIT_POLICY=ACTIVE: 0.1 of 2")
+    # chosen by jemfast, so chosen again (a child process): one CPU taken leaves too few for 2 threads
+    assert threads.choose_wait_policy(lambda: (1.0, 2)).startswith("PASSIVE: 1.0 of 2 CPUs busy")
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one thread never spins: nothing to choose, nothing set
+    assert threads.choose_wait_policy(lambda: (0.0, 2)) is None and "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert threads.choose_wait_policy(lambda: None) is None  # no /proc/stat: libgomp's default
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's, even on a busy machine
+    assert threads.choose_wait_policy(lambda: (2.0, 2)) is None and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
 def test_the_start_up_line_names_the_wait_policy(monkeypatch):
+    monkeypatch.delenv(threads.CHOICE_VAR, raising=False)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.setenv("GOMP_SPINCOUNT", "2000")
-    assert threads.wait_policy() == "GOMP_SPINCOUNT=2000"
+    assert threads.wait_policy() == "GOMP_SPINCOUNT=2000 (set by the user)"
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-    assert threads.wait_policy() == "OMP_WAIT_POLICY=PASSIVE"
+    assert threads.wait_policy() == "OMP_WAIT_POLICY=PASSIVE (set by the user)"

@@ -12,7 +12,8 @@ import pytest
 from tests.conftest import REPO
 
 pytest.importorskip("ray", reason="the tune extra (ray[tune]) is not installed")
-pytestmark = pytest.mark.slow
+# one Ray at a time: under pytest-xdist these tests share one worker (--dist loadgroup)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 

@@ -23,7 +23,8 @@ from tests.conftest import REPO
 
 pytest.importorskip("ray", reason="the tune extra (ray[tune]) is not installed")
 
-pytestmark = pytest.mark.slow
+# one Ray at a time: under pytest-xdist these tests share one worker (--dist loadgroup)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 ITERS_PER_EPOCH = 19  # digits: 1,257 training images // batch 64
 
 

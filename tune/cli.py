@@ -1,7 +1,8 @@
 """``python -m jemfast.tune``: search for stable, good JEM settings with Ray Tune.
 
-Local by default: starts Ray on this machine (``ray.init(num_cpus=<this machine's cores>,
-include_dashboard=False)``) and stops it at the end. ``--address auto`` (on a cluster node) or
+Local by default: starts a Ray of its own on this machine (``ray.init(address="local",
+num_cpus=<this machine's cores>, include_dashboard=False)``, even where another Ray already runs
+here) and stops it at the end. ``--address auto`` (on a cluster node) or
 ``--address ray://HEAD:10001`` joins an existing cluster instead. Every ``python -m
 jemfast.train`` flag (``--dataset``, ``--model``, ``--sgld-steps``, ...) is accepted and sets the
 base configuration of all trials (``--out``, ``--resume``, ``--overwrite`` excepted: each trial

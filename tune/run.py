@@ -133,7 +133,10 @@ def start_ray(address: str | None, num_cpus: int | None, verbose: int) -> bool:
             ray.init(address=address, log_to_driver=verbose >= 2, logging_level=level)
         else:
             cpus = num_cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=verbose >= 2, logging_level=level)
+            # address="local": a Ray of its own, even where a `ray start` cluster (or another
+            # experiment's Ray) already runs on this machine and plain ray.init() would join it
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=verbose >= 2,
+                     logging_level=level)
     except Exception as exc:  # ConnectionError, RuntimeError, ...: one line, exit 2
         where = f"join the Ray cluster at {address}" if address else "start a local Ray"
         raise UserError(f"could not {where} ({one_line(str(exc), 200) or type(exc).__name__})") from None

@@ -3,16 +3,23 @@
 Two settings, both made once per process:
 
 - OpenMP wait policy. torch's CPU kernels run in libgomp parallel regions; between regions
-  idle threads spin-wait, by default for 300,000 spins before they sleep. When other processes
-  want the same cores, that spinning steals their time slices and every barrier waits for a
-  thread that is not running (measured: 4-5x slower beside a second training). Sleeping at once
-  (``OMP_WAIT_POLICY=PASSIVE``) fixes that but costs ~1.5x on a quiet machine, where the threads
-  wake from a sleep every region. A short bounded spin, ``GOMP_SPINCOUNT=2000``, keeps the quiet
-  speed and is as gentle as PASSIVE beside other work (bench/test_quickstart_speed.py, table in
-  bench/RESULTS.md). libgomp reads these once, when torch is imported, so
-  :func:`prefer_bounded_spin` runs in ``jemfast/__init__`` (before jemfast imports torch) and
-  only if the user set neither variable; a program that imported torch before jemfast keeps its
-  own policy. Child processes (Ray Tune trials, torchrun workers) inherit the environment.
+  idle threads spin-wait (libgomp: 300,000 spins, then sleep; ``OMP_WAIT_POLICY=ACTIVE``: for
+  ever) or sleep at once (``PASSIVE``). On a quiet machine spinning is fastest: the threads are
+  awake when the next region starts (measured 1.3-1.4x PASSIVE on the 2-core reference machine).
+  Beside other work it is the opposite: the spinning steals the other processes' time slices and
+  every barrier waits for a thread that is not running (3-7x slower than PASSIVE beside a second
+  training, and no spin count between was good at both: bench/test_quickstart_speed.py, table in
+  bench/RESULTS.md). So :func:`choose_wait_policy` looks once, when jemfast is imported: if the
+  CPUs this process's threads need are free (sampled from ``/proc/stat`` over
+  :data:`SAMPLE_S`), threads spin (``OMP_WAIT_POLICY=ACTIVE``), else they sleep (``PASSIVE``).
+  Load that arrives after the start is not followed (libgomp reads its environment once); a run
+  that will share its CPUs later should start with ``OMP_WAIT_POLICY=PASSIVE``. libgomp reads
+  the variables when torch is imported, so the choice is made in ``jemfast/__init__`` before
+  jemfast imports torch, and only if the user set neither ``OMP_WAIT_POLICY`` nor
+  ``GOMP_SPINCOUNT``; a program that imported torch first keeps its own policy. Child processes
+  inherit the variable and :data:`CHOICE_VAR`, which tells them it was jemfast's choice, so each
+  looks again for itself (Ray Tune trials and torchrun workers run one thread each by default,
+  where there is nothing to spin for).
 - Thread count (``--threads N``; 0 = auto). Auto keeps torch's count (its default, or what
   ``OMP_NUM_THREADS`` or the program set) but never more than the CPUs this process may use:
   its CPU affinity, capped by a cgroup CPU quota (a container limited to 2 CPUs on a 64-core
@@ -25,30 +32,82 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
+from typing import Callable
 
 from .log import get_logger, log_once
 
 log = get_logger(__name__)
 
 
-BOUNDED_SPIN = "2000"  # libgomp spins before an idle thread sleeps (its default: 300000)
+SAMPLE_S = 0.06  # how long /proc/stat is sampled at import (6 clock ticks of 10 ms per CPU)
+CHOICE_VAR = "JEMFAST_OMP_WAIT"  # set with the policy jemfast chose: "<policy>: <why>"
 
 
-def prefer_bounded_spin() -> None:
-    """Set ``GOMP_SPINCOUNT=2000`` unless the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``
-    (effective only if torch has not been imported yet in this process; child processes inherit
-    it either way)."""
-    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-        os.environ["GOMP_SPINCOUNT"] = BOUNDED_SPIN
+def busy_cpus(sample_s: float = SAMPLE_S, stat: Path = Path("/proc/stat")) -> tuple[float, int] | None:
+    """(CPUs busy, CPUs in all) over the next ``sample_s`` seconds, machine-wide, from the
+    ``cpu`` line of ``stat`` (this process sleeps meanwhile, so the busy ones are other work's);
+    None where it cannot be read (not Linux)."""
+    def read() -> tuple[list[int], int]:
+        lines = stat.read_text().splitlines()
+        total = [int(v) for v in lines[0].split()[1:]]
+        return total, sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+
+    try:
+        before, n = read()
+        time.sleep(sample_s)
+        after, _ = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    delta = [b - a for a, b in zip(before, after)]
+    idle = delta[3] + (delta[4] if len(delta) > 4 else 0)  # idle + iowait
+    total = sum(delta[:8])  # user nice system idle iowait irq softirq steal (guest is in user)
+    return (n * (total - idle) / total if total > 0 else 0.0), n
+
+
+def wanted_threads() -> int:
+    """The thread count torch will start with: ``OMP_NUM_THREADS`` if set, else the usable CPUs."""
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"].split(",")[0]))
+    except (KeyError, ValueError):
+        return available_cpus()
+
+
+def choose_wait_policy(busy: Callable[[], tuple[float, int] | None] = busy_cpus) -> str | None:
+    """Set ``OMP_WAIT_POLICY`` to ACTIVE when the CPUs this process's threads need are free now,
+    else to PASSIVE, unless the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` (a setting
+    from jemfast in a parent process, marked by :data:`CHOICE_VAR`, is chosen again). One thread
+    has nothing to spin for: no sampling, nothing set. Returns the choice as the start-up log
+    names it, or None where nothing was chosen. Effective only before torch's first import."""
+    if CHOICE_VAR in os.environ:
+        os.environ.pop("OMP_WAIT_POLICY", None)
+        del os.environ[CHOICE_VAR]
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return None
+    threads = wanted_threads()
+    if threads == 1:
+        return None
+    sample = busy()
+    if sample is None:
+        return None
+    used, n = sample
+    free = available_cpus() * (1.0 - used / n)  # this process's share of the idle CPUs
+    policy = "ACTIVE" if free >= threads - 0.5 else "PASSIVE"
+    choice = f"{policy}: {used:.1f} of {n} CPUs busy at start, {threads} thread(s) wanted"
+    os.environ["OMP_WAIT_POLICY"] = policy
+    os.environ[CHOICE_VAR] = choice
+    return choice
 
 
 def wait_policy() -> str:
     """The OpenMP wait policy this process's environment asks for, as the start-up log names it."""
     policy, spins = os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT")
+    if CHOICE_VAR in os.environ:
+        return f"OMP_WAIT_POLICY={os.environ[CHOICE_VAR]}"
     if policy:
-        return f"OMP_WAIT_POLICY={policy}"
-    return f"GOMP_SPINCOUNT={spins}" if spins else "libgomp default (spin 300000)"
+        return f"OMP_WAIT_POLICY={policy} (set by the user)"
+    return f"GOMP_SPINCOUNT={spins} (set by the user)" if spins else "libgomp default (spin 300000)"
 
 
 def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
