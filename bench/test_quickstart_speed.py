@@ -2,7 +2,7 @@
 quiet machine and beside other work.
 
 Each policy runs in a fresh interpreter (libgomp reads its environment once, when torch is
-imported); a worker times ``JEMFAST_BENCH_ITERS`` (30) training iterations after 3 warm-up ones
+imported); a worker times ``JEMFAST_BENCH_ITERS`` (20) training iterations after 3 warm-up ones
 and reports iterations/s. Rounds are interleaved, policies in alternating order, so every policy
 sees the same machine state; the test prints median and range per policy and scenario, with the
 1-minute load average, and records them.
@@ -142,7 +142,7 @@ def run_policy(name: str, iters: int, hog_after: float | None = None) -> dict:
 
 def test_quickstart_iterations_per_second_by_wait_policy_and_load(record_property):
     rounds = int(os.environ.get("JEMFAST_BENCH_ROUNDS", "1"))
-    iters = int(os.environ.get("JEMFAST_BENCH_ITERS", "30"))
+    iters = int(os.environ.get("JEMFAST_BENCH_ITERS", "20"))
     scenarios = os.environ.get("JEMFAST_BENCH_SCENARIOS", "quiet,hog").split(",")
     assert set(scenarios) <= set(SCENARIOS), scenarios
     chosen = os.environ.get("JEMFAST_BENCH_POLICIES", QUICK_POLICIES)

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import os
 
-# Under pytest-xdist (the README's `-n 2`) every worker, and every process a test starts, uses one
-# torch thread: these tests are small, two workers at one thread each keep both cores busy, and
-# two threads each would oversubscribe them. A thread count set by the user is kept.
+# Under pytest-xdist (the README's `-n 3`) every worker, and every process a test starts, uses one
+# torch thread: these tests are small and often wait on processes they start; three workers at one
+# thread each keep 2 cores busy, where two threads each would oversubscribe them. A user's count is kept.
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
