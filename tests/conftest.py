@@ -104,3 +104,10 @@ def triton_marker() -> tuple[torch.device, pytest.MarkDecorator]:
         not triton_available(device),
         reason="Triton cannot run here: no CUDA, and triton was imported before TRITON_INTERPRET=1 "
                "was set (export TRITON_INTERPRET=1 for the CPU interpreter)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first (a stable sort: file order otherwise kept): under pytest-xdist the long
+    end-to-end runs then start at once and the short tests fill in around them, instead of one
+    long run starting last and running on alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
