@@ -64,8 +64,10 @@ class Guard:
     :meth:`step` only records device flags (no host sync); every ``check_every``-th call it
     reads them once (:meth:`check`). Healthy: the current state becomes the last good state
     (copied on the device; and written to ``out``). Diverged: the state is rolled back and the
-    policy of :mod:`jemfast.stability.recovery` applied (new seed; lr x0.5 on restarts 2 and 5+; SGLD steps
-    x2 on restart 3; buffer re-initialised to U(-1, 1), or its ``init_fn``, on restart 4), one
+    policy of :mod:`jemfast.stability.recovery` applied (a sudden blow-up: new seed; lr x0.5 on restarts
+    2 and 5+; SGLD steps x2 on restart 3; buffer re-initialised to U(-1, 1), or its ``init_fn``, on
+    restart 4; a gradual collapse: the module's other ladder, less its switch to the informative
+    init, which needs the training data the Guard does not have), one
     warning line is logged and the event appended to :attr:`restarts`; past ``max_restarts``
     :class:`~jemfast.process.errors.DivergenceExhausted` is raised, with the last good state restored.
 

@@ -85,7 +85,7 @@ class Trainer:
         self.model = self.loss_model = build_model(cfg, shape, n_classes, self.device)  # DDP wraps the latter
         self.optimizer = build_optimizer(cfg, self.model)
         self.buffer = build_buffer(cfg, shape, n_classes, self.device,
-                                   make_init_fn(cfg.sampler.init_dist, self.data.train, n_classes))
+                                   make_init_fn(cfg.sampler.init_dist, self._labelled_split(), n_classes))
         self.sampler = build_sampler(cfg)
         self.sampler.chain_fn(self.device, self.model)  # an unusable --backend fails here, not mid-run
         self.monitor = DivergenceMonitor(cfg.stability, self.device, n_classes)
@@ -278,6 +278,8 @@ class Trainer:
                                self.recovery, source=path)
         apply_optimizer_settings(self.cfg, self.optimizer)
         self.recovery.checkpointed(ckpt, path, self.progress.step)
+        if self.recovery.informative_init and self.buffer.init_fn is None:
+            self._inform()
         self._reapply_lost_restarts(lost)
         self.recovery.set_sampler(self.sampler, self.cfg.sampler.n_steps, self.cfg.sampler.step_size)
         log.info(f"resuming from {path} (epoch {self.progress.epoch}, iteration {self.progress.step})")
@@ -309,11 +311,22 @@ class Trainer:
             raise DivergenceExhausted(
                 f"training diverged at iteration {p.step} ({cause}) after "
                 f"{len(rec.restarts)} restart(s); last good checkpoint: {rec.last_good}")
+        can_inform = self.cfg.sampler.init_dist == "uniform" and bool(self.data.n_classes)
         event = restart(rec, self.cfg.run.seed, p.step, cause, self.monitor, self._roll_back, self._reseed,
-                        self.sampler, self.cfg.sampler.n_steps, self.cfg.sampler.step_size, self.buffer.reset)
+                        self.sampler, self.cfg.sampler.n_steps, self.cfg.sampler.step_size, self.buffer.reset,
+                        self._inform if can_inform else None)
         self.save_checkpoint()  # the restarted state: what --resume continues if the process dies now
         self.metrics.write(event)
         self.bar.n = p.step
+
+    def _inform(self) -> None:
+        """Fresh chains from the informative init from now on (a restart's action, kept across
+        rollbacks and resumes: RecoveryState.informative_init)."""
+        self.buffer.init_fn = make_init_fn("informative", self._labelled_split(), self.data.n_classes)
+
+    def _labelled_split(self):
+        """The training images whose labels the run may use (semi-supervised: the labelled subset)."""
+        return self.data.train if self.data.labelled is None else self.data.labelled
 
     def _roll_back(self, limit: int, action: RecoveryAction) -> int:
         """Restore the newest good state at or before iteration ``limit`` (the RNG streams are

@@ -9,7 +9,7 @@ from jemfast.options.config import StabilityConfig
 from jemfast.process.errors import DivergenceExhausted
 from jemfast.rundir.checkpoint import read_checkpoint
 from jemfast.stability.monitor import DivergenceMonitor
-from jemfast.stability.recovery import recovery_action
+from jemfast.stability.recovery import RecoveryState, recovery_action
 from jemfast.train import main, train
 from tests.conftest import tiny_digits_config
 
@@ -68,6 +68,24 @@ def test_recovery_policy_order():
     assert [a.sgld_steps_factor for a in slow] == [1, 2, 1, 1, 1]
     assert [a.reset_buffer for a in slow] == [False, False, True, False, False]
     assert recovery_action(1, 7, gradual=True).sgld_step_size_factor == 1.0  # the chains kept up
+    # lagging chains that start from U(-1, 1): first the informative init, buffer re-initialised
+    # from it, lr unchanged; then the ladder above (RecoveryState passes can_inform only once)
+    first = recovery_action(1, 7, gradual=True, chains_lagging=True, can_inform=True)
+    assert (first.informative_init, first.reset_buffer, first.rewarm) == (True, True, True)
+    assert (first.lr_factor, first.sgld_step_size_factor, first.sgld_steps_factor) == (1.0, 1.0, 1)
+    assert "fresh chains from the informative init" in first.describe()
+    later = recovery_action(2, 7, gradual=True, chains_lagging=True, can_inform=True)
+    assert not later.informative_init and later.lr_factor == 0.5
+    assert not recovery_action(1, 7, gradual=True, can_inform=True).informative_init  # chains kept up
+    assert not recovery_action(1, 7, chains_lagging=True, can_inform=True).informative_init  # sudden
+    rec = RecoveryState()
+    rec.apply(rec.next_action(7, gradual=True, chains_lagging=True, can_inform=True))
+    assert rec.informative_init and rec.lr_scale == 1.0
+    rec.restarts.append({})
+    assert rec.next_action(7, gradual=True, chains_lagging=True, can_inform=True).lr_factor == 0.5
+    again = RecoveryState()
+    again.load_state_dict(rec.state_dict())
+    assert again.informative_init  # kept in checkpoints
 
 
 def recovery_config(out, **kw):

@@ -57,3 +57,26 @@ def test_the_search_writes_the_map_and_report_redraws_it(tmp_path, capsys):
     assert "stability map: " in capsys.readouterr().out
     assert main(["--report", "--storage-path", str(tmp_path / "tune"), "--name", "missing"]) == 2
     assert "--report: no finished jemfast.tune experiment" in capsys.readouterr().err
+
+
+def test_a_categorical_axis_places_each_choice_at_its_index_and_spreads_its_trials():
+    from jemfast.tune.space import Range
+    from jemfast.tune.stability_map import axis_positions
+
+    rng = Range("choice", ("uniform", "informative"))
+    pos, labels = axis_positions(["informative", "uniform", "informative", "informative"], rng)
+    assert labels == ["uniform", "informative"]  # the choice's order, whichever came first
+    assert pos[1] == 0.0 and sorted(pos[i] for i in (0, 2, 3)) == pytest.approx([0.7, 1.0, 1.3])
+    assert axis_positions([0.5, 2], Range("loguniform", (0.1, 3))) == ([0.5, 2.0], [])
+
+
+def test_the_map_draws_over_a_categorical_and_a_numeric_axis(tmp_path):
+    from jemfast.tune.space import Range
+    from jemfast.tune.stability_map import plot_stability_map
+
+    rows = rows_of({})
+    for i, r in enumerate(rows):
+        r["init"] = ("uniform", "informative")[i % 2]
+    space = {"init": Range("choice", ("uniform", "informative")), "sgld_step_size": Range("loguniform", (0.1, 10))}
+    path = plot_stability_map(rows, space, tmp_path / "map.png", ("init", "sgld_step_size"))
+    assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 10_000

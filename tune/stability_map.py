@@ -41,6 +41,32 @@ def map_axes(space: dict[str, Range], wanted: tuple[str, ...] = ()) -> list[str]
     return list(wanted) if wanted else searched[:2]
 
 
+def axis_positions(values: list[Any], rng: Range) -> tuple[list[float], list[str]]:
+    """Where trials with ``values`` of one parameter sit on its axis, and the axis' tick labels.
+
+    Numbers sit at their value (no labels: a linear or log axis). The values of a ``choice`` that
+    are not all numbers (``init``: uniform, informative) are categories: each sits at its index in
+    the choice, trials spread evenly within +-0.3 of it so that they do not hide each other."""
+    if all(_is_number(v) for v in values):
+        return [float(v) for v in values], []
+    labels = [str(c) for c in rng.values] if rng.kind in ("choice", "grid") else sorted({str(v) for v in values})
+    for v in values:
+        if str(v) not in labels:
+            labels.append(str(v))
+    seen: dict[str, int] = {}
+    counts = {lab: sum(str(v) == lab for v in values) for lab in labels}
+    out = []
+    for v in values:
+        k, n = seen.get(str(v), 0), counts[str(v)]
+        seen[str(v)] = k + 1
+        out.append(labels.index(str(v)) + (0.0 if n == 1 else 0.6 * (k / (n - 1) - 0.5)))
+    return out, labels
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def plot_stability_map(rows: list[dict[str, Any]], space: dict[str, Range], path: Path,
                        axes: tuple[str, ...] = ()) -> Path | None:
     """Draw the map into ``path``; None when no parameter is searched or no trial has values."""
@@ -53,8 +79,9 @@ def plot_stability_map(rows: list[dict[str, Any]], space: dict[str, Range], path
     rows = [r for r in rows if all(n in r for n in names)]
     if not names or not rows:
         return None
-    xs = [float(r[names[0]]) for r in rows]
-    ys = [float(r[names[1]]) for r in rows] if len(names) > 1 else [0.0] * len(rows)
+    coords = [axis_positions([r[n] for r in rows], space[n]) for n in names]
+    xs = coords[0][0]
+    ys = coords[1][0] if len(names) > 1 else [0.0] * len(rows)
     fig, ax = plt.subplots(figsize=(6.4, 5.0))
     for kind, colour in OUTCOME_COLOURS.items():
         idx = [i for i, r in enumerate(rows) if outcome(r) == kind]
@@ -66,8 +93,11 @@ def plot_stability_map(rows: list[dict[str, Any]], space: dict[str, Range], path
         for i, a in zip(idx, accs):
             ax.annotate(f"{100 * a:.0f}%", (xs[i], ys[i]), fontsize=7, ha="center", va="bottom",
                         xytext=(0, 6), textcoords="offset points")
-    for axis, name in zip(("x", "y"), names):
-        if space[name].log:
+    for axis, name, (_, labels) in zip(("x", "y"), names, coords):
+        if labels:
+            getattr(ax, f"set_{axis}ticks")(range(len(labels)), labels)
+            getattr(ax, f"set_{axis}lim")(-0.5, len(labels) - 0.5)
+        elif space[name].log:
             getattr(ax, f"set_{axis}scale")("log")
         getattr(ax, f"set_{axis}label")(name)
     if len(names) == 1:

@@ -237,8 +237,11 @@ def _recovery(raw: dict, version: int, n_steps: int, cfg_steps: int) -> dict:
         warmup_from = _int(d.get("warmup_from", 0), "recovery warmup_from", 0, MAX_INT >> 1)
         step_size_scale = _num(d.get("sgld_step_size_scale", 1.0), "recovery sgld_step_size_scale", 1e-300, 1e12)
         factor = _int(d["sgld_steps_factor"], "recovery sgld_steps_factor", 1, MAX_STEPS_FACTOR)
+        informative = d.get("informative_init", False)
+        if type(informative) is not bool:
+            raise Corrupt("recovery informative_init is not a bool")
     else:  # format 1: restarts at the top level, lr factor under scheduler, SGLD factor implicit
-        restarts, warmup_from, step_size_scale = raw.get("restarts", []), 0, 1.0
+        restarts, warmup_from, step_size_scale, informative = raw.get("restarts", []), 0, 1.0, False
         lr_scale = _dict(raw["scheduler"], "scheduler", ("lr_scale",))["lr_scale"]
         factor = n_steps // cfg_steps if n_steps % cfg_steps == 0 and n_steps >= cfg_steps else 1
     events = []
@@ -248,7 +251,7 @@ def _recovery(raw: dict, version: int, n_steps: int, cfg_steps: int) -> dict:
             raise Corrupt(f"restart event {i} is not a short dict of named values")
         events.append({k: _scalar(v, f"restart event {i} {k}") for k, v in event.items()})
     return {"restarts": events, "lr_scale": _num(lr_scale, "recovery lr_scale", 1e-300, 1.0), "sgld_steps_factor": factor,
-            "warmup_from": warmup_from, "sgld_step_size_scale": step_size_scale}
+            "warmup_from": warmup_from, "sgld_step_size_scale": step_size_scale, "informative_init": informative}
 
 
 def _progress(raw: dict) -> dict:

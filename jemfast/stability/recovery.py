@@ -10,9 +10,14 @@ seed, as the JEM paper does by hand. What else it changes depends on how the div
   SGLD steps x 2 (the paper's "40 steps instead of 20"); k = 4 replay buffer re-initialised and
   lr x 0.5; k > 4 lr x 0.5;
 - gradual (it built up over several checks: a natural collapse; a new seed from the same state
-  retraces it, measured): every restart lr x 0.5 and the lr warm-up again from the state rolled
-  back to; k = 1, 2 also SGLD step size x 10 if the chains lagged (E(real) ran below E(fake));
-  k = 2 SGLD steps x 2; k = 3 replay buffer re-initialised.
+  retraces it, measured): every restart starts the lr warm-up again from the state rolled back
+  to. When the chains lagged (E(real) ran below E(fake): the samples could not follow the model)
+  and fresh chains start from U(-1, 1), k = 1 switches them to JEM++'s informative init (per-class
+  Gaussians, :mod:`jemfast.sgld.chain_init`) and re-initialises the replay buffer from it, the lr
+  unchanged: the cause is the chains, and measured on the natural-divergence benchmark this alone
+  turns a collapse into a run that learns. Otherwise each restart halves the lr; k = 1, 2 also
+  multiply the SGLD step size by 10 if the chains lagged; k = 2 doubles the SGLD steps; k = 3
+  re-initialises the replay buffer.
 
 A divergence that recurs before any later check passed rolls back further than the state it
 returned to last time (that state led here again).
@@ -56,6 +61,7 @@ class RecoveryAction:
     sgld_step_size_factor: float = 1.0
     reset_buffer: bool = False
     rewarm: bool = False  # the learning-rate warm-up starts again at the iteration rolled back to
+    informative_init: bool = False  # fresh chains from now on from the per-class Gaussians (with reset_buffer)
 
     def describe(self) -> str:
         parts = [f"seed -> {self.new_seed}"]
@@ -65,6 +71,8 @@ class RecoveryAction:
             parts.append(f"sgld steps x{self.sgld_steps_factor}")
         if self.sgld_step_size_factor != 1.0:
             parts.append(f"sgld step size x{self.sgld_step_size_factor:g}")
+        if self.informative_init:
+            parts.append("fresh chains from the informative init")
         if self.reset_buffer:
             parts.append("buffer re-initialised")
         if self.rewarm:
@@ -72,18 +80,24 @@ class RecoveryAction:
         return ", ".join(parts)
 
 
-def recovery_action(k: int, base_seed: int, gradual: bool = False, chains_lagging: bool = False) -> RecoveryAction:
+def recovery_action(k: int, base_seed: int, gradual: bool = False, chains_lagging: bool = False,
+                    can_inform: bool = False) -> RecoveryAction:
     """The documented action for the ``k``-th restart (1-based). ``gradual``: the divergence built
     up over several checks (its onset is before the last check; a natural collapse), rather than
     appearing within one interval; ``chains_lagging``: the energy gap ran away with E(real) below
-    E(fake), the samples unable to follow the model."""
+    E(fake), the samples unable to follow the model; ``can_inform``: fresh chains start from
+    U(-1, 1) and the run can switch them to the informative init (it has labelled training data)."""
     action = RecoveryAction(restart=k, new_seed=base_seed + 1000 * k)
     if not gradual:  # a sudden blow-up: first a new seed alone, as the paper does by hand
         action.lr_factor = 1.0 if k in (1, 3) else 0.5
         action.sgld_steps_factor = 2 if k == 3 else 1
         action.reset_buffer = k == 4
         return action
-    action.lr_factor, action.rewarm = 0.5, True  # the run's settings led here: a new seed alone retraces it
+    action.rewarm = True  # the run's settings led here: a new seed alone retraces it
+    if chains_lagging and can_inform and k == 1:
+        action.informative_init = action.reset_buffer = True
+        return action
+    action.lr_factor = 0.5
     if chains_lagging and k <= 2:
         action.sgld_step_size_factor = SGLD_STEP_SIZE_FACTOR
     action.sgld_steps_factor = 2 if k == 2 else 1
@@ -130,12 +144,14 @@ class RecoveryState:
     took tens of iterations to be detected;
     ``last_good`` is the newest good checkpoint file. ``last_target`` is the iteration of the last
     rollback until a healthy check follows it: a divergence in that window must roll back further.
-    ``lr_scale`` and ``sgld_steps_factor`` are the cumulative effects of all restarts so far, and
+    ``lr_scale`` and ``sgld_steps_factor`` are the cumulative effects of all restarts so far,
+    ``informative_init`` whether one switched fresh chains to the informative init, and
     ``warmup_from`` the iteration the last re-warm-up started at (they persist across rollbacks
     and are saved in checkpoints).
     """
 
     restarts: list[dict[str, Any]] = field(default_factory=list)
+    informative_init: bool = False  # a restart switched fresh chains to the informative init
     lr_scale: float = 1.0
     sgld_steps_factor: int = 1
     sgld_step_size_scale: float = 1.0
@@ -182,12 +198,15 @@ class RecoveryState:
         rollback's target if no healthy check has followed it (that state led here again)."""
         return onset if self.last_target is None else min(onset, self.last_target - 1)
 
-    def next_action(self, base_seed: int, gradual: bool = False, chains_lagging: bool = False) -> RecoveryAction:
+    def next_action(self, base_seed: int, gradual: bool = False, chains_lagging: bool = False,
+                    can_inform: bool = False) -> RecoveryAction:
         """The action of the next restart."""
-        return recovery_action(len(self.restarts) + 1, base_seed, gradual, chains_lagging)
+        return recovery_action(len(self.restarts) + 1, base_seed, gradual, chains_lagging,
+                               can_inform and not self.informative_init)
 
     def apply(self, action: RecoveryAction) -> None:
         """Make ``action``'s lr and SGLD changes cumulative with the earlier ones."""
+        self.informative_init = self.informative_init or action.informative_init
         self.lr_scale *= action.lr_factor
         self.sgld_steps_factor *= action.sgld_steps_factor
         self.sgld_step_size_scale *= action.sgld_step_size_factor
@@ -203,13 +222,14 @@ class RecoveryState:
     def state_dict(self) -> dict[str, Any]:
         return {"restarts": list(self.restarts), "lr_scale": self.lr_scale,
                 "sgld_steps_factor": self.sgld_steps_factor, "sgld_step_size_scale": self.sgld_step_size_scale,
-                "warmup_from": self.warmup_from}
+                "warmup_from": self.warmup_from, "informative_init": self.informative_init}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.lr_scale = float(state["lr_scale"])
         self.sgld_steps_factor = int(state["sgld_steps_factor"])
         self.sgld_step_size_scale = float(state.get("sgld_step_size_scale", 1.0))
         self.warmup_from = int(state.get("warmup_from", 0))
+        self.informative_init = bool(state.get("informative_init", False))
 
 
 def state_step(path: Path) -> int:
@@ -244,7 +264,7 @@ def choose_target(memory: list[GoodState], ring: list[Path], limit: int, read: C
 def restart(rec: RecoveryState, base_seed: int, diverged_at: int, cause: str, monitor: DivergenceMonitor,
             roll_back: Callable[[int, RecoveryAction], int], reseed: Callable[[int], None],
             sampler: Any | None, base_n_steps: int, base_step_size: float | None,
-            reset_buffer: Callable[[], None]) -> dict[str, Any]:
+            reset_buffer: Callable[[], None], inform: Callable[[], None] | None = None) -> dict[str, Any]:
     """Carry out the next restart of the policy; returns its event (also appended to ``rec.restarts``).
 
     ``monitor`` dates the divergence (:meth:`DivergenceMonitor.onset`) and says whether the
@@ -253,10 +273,11 @@ def restart(rec: RecoveryState, base_seed: int, diverged_at: int, cause: str, mo
     ``rec``) and returns the iteration it was taken at; ``reseed(seed)`` reseeds every random
     stream of the run; the sampler then runs ``base_n_steps`` and ``base_step_size`` times the
     restarts' factors; ``reset_buffer()`` re-initialises the replay buffer when the action says
-    so. Logs one warning line.
+    so, after ``inform()`` (None: not possible) has switched fresh chains to the informative init
+    when the action says so. Logs one warning line.
     """
     onset = monitor.onset()
-    action = rec.next_action(base_seed, monitor.gradual(onset), monitor.chains_lagging())
+    action = rec.next_action(base_seed, monitor.gradual(onset), monitor.chains_lagging(), inform is not None)
     rec.apply(action)
     rolled_back_to = roll_back(rec.target_limit(onset), action)
     rec.memory = [g for g in rec.memory if g.step <= rolled_back_to]  # the rest is an abandoned future
@@ -265,6 +286,8 @@ def restart(rec: RecoveryState, base_seed: int, diverged_at: int, cause: str, mo
         rec.warmup_from = rolled_back_to
     reseed(action.new_seed)
     rec.set_sampler(sampler, base_n_steps, base_step_size)
+    if action.informative_init:
+        inform()
     if action.reset_buffer:
         reset_buffer()
     event = {"event": "restart", "restart": action.restart, "step": diverged_at, "onset": onset,
