@@ -73,6 +73,9 @@ def test_smoke_test_end_to_end(tmp_path):
     assert len(csv_lines) == 5 and csv_lines[0].startswith("rank,trial_id,status,score")
     assert (exp / "search.png").stat().st_size > 10_000
     assert (exp / "stability_map.png").stat().st_size > 10_000
+    # the trials ran at this process's priority, not at the nice 15 Ray gives its workers by default
+    # (beside other work they then starve: tune/run.py WORKER_NICENESS)
+    assert {a["niceness"] for r in rows for a in attempts(r["path"])} == {os.getpriority(os.PRIO_PROCESS, 0)}
     cmd = (exp / "best_command.txt").read_text().strip()
     assert cmd.startswith("python -m jemfast.train ") and "--inject-divergence" not in cmd
     assert cmd in res.stdout

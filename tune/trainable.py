@@ -3,7 +3,7 @@
 Per trial directory (``EXPERIMENT/<trial dir name>``, beside Tune's result.json and checkpoints)::
 
     run/            the jemfast run directory (metrics.jsonl, summary.json, checkpoints/, samples/)
-    attempts.jsonl  one line per start of the trainable: pid, Ray node id, and the epoch/step it resumed at
+    attempts.jsonl  one line per start of the trainable: pid, Ray node id, niceness, and the epoch/step it resumed at
 
 Every epoch the trainable reports the epoch's metrics plus the objective (jemfast.tune.objective)
 and, every ``checkpoint_interval`` epochs and at the last one, a Tune checkpoint: a directory
@@ -137,7 +137,8 @@ def jem_trainable(config: dict[str, Any], base: dict[str, Any] | None = None,
         cfg.run.resume, cfg.run.overwrite = False, True
     trial_dir.mkdir(parents=True, exist_ok=True)
     with open(trial_dir / ATTEMPTS_FILE, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"pid": os.getpid(), "node_id": _node_id(), "time": time.time(), "resumed": checkpoint is not None,
+        f.write(json.dumps({"pid": os.getpid(), "node_id": _node_id(), "time": time.time(),
+                            "niceness": os.getpriority(os.PRIO_PROCESS, 0), "resumed": checkpoint is not None,
                             "epoch": state["epoch"], "step": state["step"],
                             "config": {k: v for k, v in config.items()}}) + "\n")
     reporter = EpochReporter(run_dir, trial_dir, settings, resumed=checkpoint is not None)
