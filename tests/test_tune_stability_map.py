@@ -80,3 +80,15 @@ def test_the_map_draws_over_a_categorical_and_a_numeric_axis(tmp_path):
     space = {"init": Range("choice", ("uniform", "informative")), "sgld_step_size": Range("loguniform", (0.1, 10))}
     path = plot_stability_map(rows, space, tmp_path / "map.png", ("init", "sgld_step_size"))
     assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 10_000
+
+
+def test_search_plot_takes_a_categorical_parameter(tmp_path):
+    from jemfast.tune.results import plot_search
+    from jemfast.tune.space import Range
+
+    rows = rows_of({})
+    for i, r in enumerate(rows):
+        r["init"] = ("uniform", "informative")[i % 2]
+    space = {"init": Range("choice", ("uniform", "informative")), "sgld_step_size": Range("loguniform", (0.1, 10))}
+    path = plot_search(rows, space, tmp_path / "search.png")
+    assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 10_000

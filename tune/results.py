@@ -25,6 +25,7 @@ from jemfast.process.errors import one_line
 from jemfast.options.schema import to_argv
 
 from .space import KEYS, TESTING_AIDS, Range, key_of
+from .stability_map import axis_positions
 
 STATUSES = ("finished", "stopped", "diverged", "error", "pending")
 METRIC_COLUMNS = ("score", "valid_acc", "quality", "gap_mean", "gap_std", "restarts", "epoch", "step")
@@ -133,8 +134,9 @@ def plot_search(rows: list[dict[str, Any]], space: dict[str, Range], path: Path)
     fig, axes = plt.subplots(2, len(names), figsize=(3.6 * len(names), 6.2), squeeze=False)
     for j, name in enumerate(names):
         sp = space[name]
-        xs = [float(r[name]) for r in rows if name in r]
         sub = [r for r in rows if name in r]
+        values = [r[name] for r in sub]
+        xs, categories = axis_positions(values, sp)  # categories: a choice of names (init), at their index
         diverging = [(r["restarts"] if isinstance(r["restarts"], int) else 0) > 0 or r["status"] == "diverged"
                      for r in sub]
         ax = axes[0][j]
@@ -153,7 +155,11 @@ def plot_search(rows: list[dict[str, Any]], space: dict[str, Range], path: Path)
             ax.legend(fontsize=7, loc="best")
         bx = axes[1][j]
         per_value = sp.kind in ("choice", "grid") or len(set(xs)) <= 5
-        if per_value:
+        if categories:
+            labels = categories
+            groups = [[d for v, d in zip(values, diverging) if str(v) == c] for c in categories]
+            ax.set_xticks(range(len(categories)), categories)
+        elif per_value:
             keys = sorted(set(xs))
             labels = [format(k, ".4g") for k in keys]
             groups = [[d for x, d in zip(xs, diverging) if x == k] for k in keys]
@@ -176,7 +182,7 @@ def plot_search(rows: list[dict[str, Any]], space: dict[str, Range], path: Path)
         bx.set_ylim(0, 1.1)
         bx.set_ylabel("divergence rate" if j == 0 else "")
         bx.set_xlabel(name + ("" if per_value else " (log bins)" if sp.log else " (bins)"))
-        if sp.log:
+        if sp.log and not categories:
             from matplotlib.ticker import LogFormatterSciNotation, NullFormatter
 
             ax.set_xscale("log")
