@@ -74,8 +74,8 @@ def test_recovery_policy_order():
     assert (first.informative_init, first.reset_buffer, first.rewarm) == (True, True, True)
     assert (first.lr_factor, first.sgld_step_size_factor, first.sgld_steps_factor) == (1.0, 1.0, 1)
     assert "fresh chains from the informative init" in first.describe()
-    later = recovery_action(2, 7, gradual=True, chains_lagging=True, can_inform=True)
-    assert not later.informative_init and later.lr_factor == 0.5
+    after_a_sudden_one = recovery_action(2, 7, gradual=True, chains_lagging=True, can_inform=True)
+    assert after_a_sudden_one.informative_init and after_a_sudden_one.lr_factor == 1.0
     assert not recovery_action(1, 7, gradual=True, can_inform=True).informative_init  # chains kept up
     assert not recovery_action(1, 7, chains_lagging=True, can_inform=True).informative_init  # sudden
     rec = RecoveryState()

@@ -12,12 +12,12 @@ seed, as the JEM paper does by hand. What else it changes depends on how the div
 - gradual (it built up over several checks: a natural collapse; a new seed from the same state
   retraces it, measured): every restart starts the lr warm-up again from the state rolled back
   to. When the chains lagged (E(real) ran below E(fake): the samples could not follow the model)
-  and fresh chains start from U(-1, 1), k = 1 switches them to JEM++'s informative init (per-class
-  Gaussians, :mod:`jemfast.sgld.chain_init`) and re-initialises the replay buffer from it, the lr
-  unchanged: the cause is the chains, and measured on the natural-divergence benchmark this alone
-  turns a collapse into a run that learns. Otherwise each restart halves the lr; k = 1, 2 also
-  multiply the SGLD step size by 10 if the chains lagged; k = 2 doubles the SGLD steps; k = 3
-  re-initialises the replay buffer.
+  and fresh chains still start from U(-1, 1), the restart switches them to JEM++'s informative
+  init (per-class Gaussians, :mod:`jemfast.sgld.chain_init`) and re-initialises the replay buffer
+  from it, the lr unchanged: the cause is the chains, and measured on the natural-divergence
+  benchmark this alone turns a collapse into a run that learns. Otherwise each restart halves
+  the lr; k = 1, 2 also multiply the SGLD step size by 10 if the chains lagged; k = 2 doubles the
+  SGLD steps; k = 3 re-initialises the replay buffer.
 
 A divergence that recurs before any later check passed rolls back further than the state it
 returned to last time (that state led here again).
@@ -94,7 +94,7 @@ def recovery_action(k: int, base_seed: int, gradual: bool = False, chains_laggin
         action.reset_buffer = k == 4
         return action
     action.rewarm = True  # the run's settings led here: a new seed alone retraces it
-    if chains_lagging and can_inform and k == 1:
+    if chains_lagging and can_inform:  # once: RecoveryState passes can_inform until the switch is made
         action.informative_init = action.reset_buffer = True
         return action
     action.lr_factor = 0.5
