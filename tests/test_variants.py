@@ -282,3 +282,14 @@ def test_informative_init_reaches_the_trainer_buffer(tmp_path):
     data_mean = trainer.data.train.x.reshape(-1, 64).mean(0)
     assert (x0.mean(0) - data_mean).abs().mean() < 0.05  # not U(-1, 1)'s mean of 0
     assert data_mean.abs().mean() > 0.3
+
+
+def test_informative_init_of_a_semi_supervised_run_uses_only_the_labelled_images(tmp_path):
+    trainer = Trainer(tiny_digits_config(tmp_path / "run", sampler__init_dist="informative",
+                                         data__labels_per_class=5), None)
+    init = trainer.buffer.init_fn
+    labelled = trainer.data.labelled
+    assert len(labelled) == 50 and init.scale.shape[2] == 5  # rank: 5 images a class, not ~125
+    for c in (0, 7):
+        mu, _ = _class_moments(labelled.x, labelled.y, c)
+        assert torch.allclose(init.mean[c].double(), mu, atol=1e-6)
