@@ -161,8 +161,7 @@ class Guard:
         path = self._write(state) if self.out is not None else None
         self.recovery.checkpointed(state, path, self.iteration)
         self.monitor.mark_healthy(self.iteration)
-        ring = self._ring() if self.out is not None else []
-        self.monitor.keep_states([g.step for g in self.recovery.memory] + [state_step(p) for p in ring])
+        self.monitor.keep_states(self.recovery.reachable_steps(self._ring() if self.out is not None else []))
 
     # ---- what the policy has done so far -----------------------------------------------------
     @property

@@ -262,8 +262,7 @@ class Trainer:
         state = self.state()
         path = self._write_checkpoint(state)  # OSError: see run()
         self.recovery.checkpointed(state, path, self.progress.step)
-        ring = (self.out / "checkpoints").glob("good-*.pt")
-        self.monitor.keep_states([g.step for g in self.recovery.memory] + [state_step(p) for p in ring])
+        self.monitor.keep_states(self.recovery.reachable_steps((self.out / "checkpoints").glob("good-*.pt")))
         return None
 
     def _write_checkpoint(self, state: dict[str, Any]) -> Path:

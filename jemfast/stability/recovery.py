@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 
@@ -188,6 +188,11 @@ class RecoveryState:
         if path is not None:
             self.last_good = path
         self.last_target = None
+
+    def reachable_steps(self, ring: Iterable[Path]) -> list[int]:
+        """The iterations of every good state a rollback can still reach: those in memory and the
+        on-disk ``ring`` (files named ``*-STEP.pt``)."""
+        return [g.step for g in self.memory] + [state_step(p) for p in ring]
 
     def exhausted(self, max_restarts: int) -> bool:
         """True when a divergence now must stop the run: restarts used up, or nothing to roll back to."""
