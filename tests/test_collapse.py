@@ -87,3 +87,17 @@ def test_choose_target_takes_the_newest_state_at_or_before_the_limit(tmp_path):
     (tmp_path / "good-000000035.pt").write_bytes(b"torn")
     assert choose_target(memory, ring, 38, read, (Exception,))[0] == 30  # unusable: the next older
     assert choose_target(memory[:2], [], -1, read, (OSError,))[0] == 30  # none that old: the oldest kept
+
+
+def test_chains_lagging_looks_at_every_interval_since_the_onset():
+    # measured on digits32 (seeds 6 and 7, recovery off): the gap ran to -1.9 nats by iteration 20,
+    # then swung to +24 by 30; the collapse still began with the chains unable to follow
+    from jemfast.options.config import StabilityConfig
+    from jemfast.stability.monitor import DivergenceMonitor
+
+    mon = DivergenceMonitor(StabilityConfig(), torch.device("cpu"))
+    mon.series = [IntervalStats(10, -0.02, 0.4), IntervalStats(20, -1.88, 6.4), IntervalStats(30, 23.9, 791.0)]
+    assert mon.chains_lagging(10)
+    assert not mon.chains_lagging(20)  # after iteration 20 the gap was positive only
+    mon.series = [IntervalStats(10, -0.02, 0.4), IntervalStats(20, 1.5, 6.4), IntervalStats(30, 23.9, 791.0)]
+    assert not mon.chains_lagging(10)

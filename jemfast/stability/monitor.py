@@ -205,10 +205,12 @@ class DivergenceMonitor:
         return not any(not math.isfinite(b) or b > SUDDEN_GROWTH * max(a, 1e-12)
                        for a, b in ((abs(before.gap), abs(last.gap)), (before.grad_norm, last.grad_norm)))
 
-    def chains_lagging(self) -> bool:
-        """True when the last interval's energy gap had run away below zero (E(real) under
-        E(fake) by more than :data:`jemfast.stability.collapse.DRIFT_FLOOR`): the samples could not follow."""
-        return bool(self.series) and self.series[-1].gap < -DRIFT_FLOOR
+    def chains_lagging(self, onset: int = -1) -> bool:
+        """True when, in an interval after ``onset``, the energy gap had run away below zero (E(real)
+        under E(fake) by more than :data:`jemfast.stability.collapse.DRIFT_FLOOR`): the samples could not
+        follow. Not only the last interval: deep in a collapse the gap can swing to the other sign
+        (measured on digits32: -1.9 nats at iteration 20, +24 at 30)."""
+        return any(s.gap < -DRIFT_FLOOR for s in self.series if s.step > onset)
 
     def rewind(self, step: int) -> None:
         """The run rolled back to iteration ``step``: forget what came after it. The relative

@@ -282,7 +282,7 @@ def restart(rec: RecoveryState, base_seed: int, diverged_at: int, cause: str, mo
     when the action says so. Logs one warning line.
     """
     onset = monitor.onset()
-    action = rec.next_action(base_seed, monitor.gradual(onset), monitor.chains_lagging(), inform is not None)
+    action = rec.next_action(base_seed, monitor.gradual(onset), monitor.chains_lagging(onset), inform is not None)
     rec.apply(action)
     rolled_back_to = roll_back(rec.target_limit(onset), action)
     rec.memory = [g for g in rec.memory if g.step <= rolled_back_to]  # the rest is an abandoned future
