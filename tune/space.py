@@ -145,7 +145,7 @@ def parse_range(name: str, raw: Any, base: Config | None = None) -> Range:
     if kind in RANGES and field_kind(key).base not in (int, float):
         raise ValueError(f"{label}: {kind} needs a numeric parameter; use choice:a,b")
     # each value (a range's ends: the largest integer of randint's exclusive high) is one the field takes
-    ends = [values[0], values[1] - 1] if kind.endswith("randint") and _is_num(values[1]) else values
+    ends = [values[0], values[1] - 1] if kind.endswith("randint") and is_number(values[1]) else values
     try:
         checked = [check_value(key, v) for v in ends]
         for v in checked if base is not None else ():
@@ -165,7 +165,7 @@ def parse_range(name: str, raw: Any, base: Config | None = None) -> Range:
     return Range(kind, tuple(checked))
 
 
-def _is_num(v: Any) -> bool:
+def is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
@@ -234,5 +234,5 @@ def trial_overrides(space: dict[str, Range], params: dict[str, Any]) -> dict[str
     for name, v in params.items():
         key = key_of(name)
         v = space[name].clamp(v) if name in space else v
-        out[key] = int(round(v)) if field_kind(key).base is int and _is_num(v) else v
+        out[key] = int(round(v)) if field_kind(key).base is int and is_number(v) else v
     return out

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .space import TESTING_AIDS, Range, key_of
+from .space import TESTING_AIDS, Range, is_number, key_of
 
 OUTCOME_COLOURS = {"stable": "tab:green", "recovered": "tab:orange", "diverged": "tab:red", "unknown": "tab:gray"}
 
@@ -47,24 +47,18 @@ def axis_positions(values: list[Any], rng: Range) -> tuple[list[float], list[str
     Numbers sit at their value (no labels: a linear or log axis). The values of a ``choice`` that
     are not all numbers (``init``: uniform, informative) are categories: each sits at its index in
     the choice, trials spread evenly within +-0.3 of it so that they do not hide each other."""
-    if all(_is_number(v) for v in values):
+    if all(is_number(v) for v in values):
         return [float(v) for v in values], []
-    labels = [str(c) for c in rng.values] if rng.kind in ("choice", "grid") else sorted({str(v) for v in values})
-    for v in values:
-        if str(v) not in labels:
-            labels.append(str(v))
+    keys = [str(v) for v in values]
+    labels = [str(c) for c in rng.values] if rng.kind in ("choice", "grid") else sorted(set(keys))
+    labels += [k for k in dict.fromkeys(keys) if k not in labels]
     seen: dict[str, int] = {}
-    counts = {lab: sum(str(v) == lab for v in values) for lab in labels}
     out = []
-    for v in values:
-        k, n = seen.get(str(v), 0), counts[str(v)]
-        seen[str(v)] = k + 1
-        out.append(labels.index(str(v)) + (0.0 if n == 1 else 0.6 * (k / (n - 1) - 0.5)))
+    for key in keys:
+        k, n = seen.get(key, 0), keys.count(key)
+        seen[key] = k + 1
+        out.append(labels.index(key) + (0.0 if n == 1 else 0.6 * (k / (n - 1) - 0.5)))
     return out, labels
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def plot_stability_map(rows: list[dict[str, Any]], space: dict[str, Range], path: Path,

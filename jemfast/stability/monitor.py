@@ -9,8 +9,9 @@ checkpoint) :meth:`DivergenceMonitor.check` reads it once. Two kinds of test:
 - relative to the run's own recent history: ``log(1 + |E(real) - E(fake)|)`` and
   ``log(1 + grad norm)`` more than ``relative_z`` robust standard deviations above the median of
   the last ``relative_window`` iterations (robust std = 1.4826 x median absolute deviation,
-  at least :data:`MIN_LOG_SCALE`: 0.25 for the gap, 0.45 for the gradient norm), once ``relative_warmup`` iterations have been seen. The
-  history is a ring buffer on the device; median and MAD are computed there each iteration.
+  at least :data:`MIN_LOG_SCALE`: 0.25 for the gap, 0.45 for the gradient norm), once
+  ``relative_warmup`` iterations have been seen. The history is a ring buffer on the device;
+  median and MAD are computed there each iteration.
   ``log(1 + v)`` is a log scale above 1 (energies are in nats) and flat below it, so a gap
   wandering between 0.001 and 0.5 nats early in training is not read as a thousandfold jump.
 
