@@ -136,11 +136,13 @@ def test_resume_continues_an_interrupted_experiment(tmp_path):
     assert "--resume" in out
     before = {r["trial_id"]: r for r in trials(exp)}
     assert any(r["status"] != "finished" for r in before.values())
-    # which trials had saved a checkpoint when the driver stopped: those must continue from it;
-    # one that had started but not yet checkpointed (or not started) starts again from scratch
-    had_checkpoint = {tid: bool(r.get("path")) and any(Path(r["path"]).glob("checkpoint_*"))
-                      for tid, r in before.items()}
-    assert any(had_checkpoint.values())
+    # the checkpoint Tune recorded for each trial when the driver stopped: the trial must continue
+    # from it. A trial with none (not started, or not checkpointed yet) starts again from scratch;
+    # so does one whose first checkpoint was on disk but not yet recorded when the driver stopped
+    # (a race seen in CI: files on disk are not what --resume continues from)
+    recorded = {tid: json.loads((Path(r["path"]) / r["checkpoint"] / "tune_state.json").read_text())
+                for tid, r in before.items() if r["checkpoint"]}
+    assert recorded
 
     res = run_tune(["--resume", "--storage-path", str(storage), "--name", "res"], tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -152,8 +154,10 @@ def test_resume_continues_an_interrupted_experiment(tmp_path):
         assert tries[0]["resumed"] is False
         if before[r["trial_id"]]["status"] == "finished":
             assert len(tries) == 1, tries  # a finished trial is not run again
-        elif had_checkpoint[r["trial_id"]]:
-            assert len(tries) > 1 and tries[-1]["resumed"] is True and tries[-1]["epoch"] >= 1, tries
+        elif r["trial_id"] in recorded:
+            state = recorded[r["trial_id"]]
+            assert len(tries) > 1 and tries[-1]["resumed"] is True, tries
+            assert (tries[-1]["epoch"], tries[-1]["step"]) == (state["epoch"], state["step"]) and state["epoch"] >= 1
             assert run_steps(r["path"])[0] == 5  # the first attempt's lines are still there
         else:
             assert all(t["resumed"] is False for t in tries), tries

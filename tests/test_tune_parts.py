@@ -177,7 +177,7 @@ def test_rows_statuses_sorting_and_table(tmp_path):
         row_from_result({**m, "score": 0.5, "status": "running"}, cfg, "/x/t1", None),
         row_from_result({**m, "status": "diverged", "score": -0.1, "restarts": 4}, cfg, "/x/t2", None),
         row_from_result(None, cfg, "/x/t3", RuntimeError("boom\nmore")),
-        row_from_result(m, cfg, "/x/t4", None),
+        row_from_result(m, cfg, "/x/t4", None, "checkpoint_000002"),
         row_from_result({}, cfg, "/x/t5", None),
     ]
     assert [r["status"] for r in rows] == ["stopped", "diverged", "error", "finished", "pending"]
@@ -191,6 +191,9 @@ def test_rows_statuses_sorting_and_table(tmp_path):
     data = json.loads(json_path.read_text())
     assert data["trials"][0]["trial_id"] == "t4" and data["trials"][-1]["score"] is None
     assert data["trials"][2]["error"] == "" and any(t["error"] == "boom" for t in data["trials"])
+    # the checkpoint --resume continues each trial from: t4's, none for the others
+    assert [t["checkpoint"] for t in data["trials"]] == ["checkpoint_000002", "", "", "", ""]
+    assert lines[0].split(",")[-3:] == ["path", "checkpoint", "error"] and ",/x/t4,checkpoint_000002," in lines[1]
 
 
 def test_best_command_replaces_searched_flags_and_parses():

@@ -36,8 +36,9 @@ def _num(x: Any) -> float:
 
 
 def row_from_result(metrics: dict[str, Any] | None, config: dict[str, Any], path: str | None,
-                    error: Any) -> dict[str, Any]:
-    """One table row from a trial's last reported metrics, config, directory and error."""
+                    error: Any, checkpoint: str | None = None) -> dict[str, Any]:
+    """One table row from a trial's last reported metrics, config, directory, error and the name
+    of its latest checkpoint that Tune recorded (the one ``--resume`` continues it from)."""
     metrics = metrics or {}
     reported = metrics.get("status")
     if error is not None:
@@ -56,6 +57,7 @@ def row_from_result(metrics: dict[str, Any] | None, config: dict[str, Any], path
     row.update({k: v for k, v in config.items() if k in KEYS.values()})
     row["node_id"] = str(metrics.get("node_id", ""))
     row["path"] = path or ""
+    row["checkpoint"] = checkpoint or ""
     row["error"] = "" if error is None else one_line(str(error), 300) or type(error).__name__
     return row
 
@@ -72,7 +74,7 @@ def _json_safe(v: Any) -> Any:
 def write_table(rows: list[dict[str, Any]], exp_dir: Path, extra: dict[str, Any]) -> tuple[Path, Path]:
     """Write results.csv and results.json (rows already sorted). Returns both paths."""
     columns = ["rank", "trial_id", "status", *METRIC_COLUMNS]
-    columns += [k for k in KEYS.values() if any(k in r for r in rows)] + ["node_id", "path", "error"]
+    columns += [k for k in KEYS.values() if any(k in r for r in rows)] + ["node_id", "path", "checkpoint", "error"]
     csv_path, json_path = exp_dir / "results.csv", exp_dir / "results.json"
     with open(csv_path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
