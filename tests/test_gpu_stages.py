@@ -34,8 +34,10 @@ def _bench_module(name: str):
 
 
 def _gpu_sh(*args: str, env: dict | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
+    """gpu.sh with this interpreter as its PYTHON (its default, python3, may be one without torch
+    where the tests run from a venv that is not activated)."""
     return subprocess.run(["bash", str(GPU_SH), *args], capture_output=True, text=True, timeout=timeout,
-                          env={**outside_xdist_env(), **(env or {})}, cwd=REPO)
+                          env={**outside_xdist_env(), "PYTHON": sys.executable, **(env or {})}, cwd=REPO)
 
 
 @pytest.mark.parametrize("args", [[], ["check"], ["nope", "OUT"], ["check", ""], ["check", "a", "b"]],
