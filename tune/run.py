@@ -157,12 +157,9 @@ def result_rows(grid: Any) -> list[dict[str, Any]]:
     """One results-table row per trial of a ResultGrid."""
     from .results import row_from_result
 
-    rows = []
-    for i in range(len(grid)):
-        ckpt = grid[i].checkpoint
-        rows.append(row_from_result(grid[i].metrics, grid[i].config or {}, grid[i].path, grid[i].error,
-                                    Path(ckpt.path).name if ckpt is not None else None))
-    return rows
+    results = [grid[i] for i in range(len(grid))]
+    return [row_from_result(r.metrics, r.config or {}, r.path, r.error,
+                            Path(r.checkpoint.path).name if r.checkpoint is not None else None) for r in results]
 
 
 def write_outputs(exp_dir: Path, plan: dict[str, Any], rows: list[dict[str, Any]],
