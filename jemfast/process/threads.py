@@ -9,11 +9,12 @@ Two settings, both made once per process:
   Beside other work it is the opposite: the spinning steals the other processes' time slices and
   every barrier waits for a thread that is not running (3-7x slower than PASSIVE beside a second
   training, and no spin count between was good at both: bench/test_quickstart_speed.py, table in
-  bench/RESULTS.md). So :func:`choose_wait_policy` looks once, when jemfast is imported: if the
+  bench/RESULTS.md). So :func:`choose_wait_policy` looks when jemfast is imported: if the
   CPUs this process's threads need are free (sampled from ``/proc/stat`` over
   :data:`SAMPLE_S`), threads spin (``OMP_WAIT_POLICY=ACTIVE``), else they sleep (``PASSIVE``).
-  Load that arrives after the start is not followed (libgomp reads its environment once); a run
-  that will share its CPUs later should start with ``OMP_WAIT_POLICY=PASSIVE``. libgomp reads
+  A training run that chose ACTIVE then follows the load while it runs (:func:`configure_threads`
+  starts :mod:`jemfast.process.load_follower`): while other work needs the CPUs its threads
+  sleep instead of spinning, and spin again once the CPUs are free. libgomp reads
   the variables when torch is imported, so the choice is made in ``jemfast/__init__`` before
   jemfast imports torch, and only if the user set neither ``OMP_WAIT_POLICY`` nor
   ``GOMP_SPINCOUNT``; a program that imported torch first keeps its own policy. Child processes
@@ -36,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .load_follower import follow_load
 from .log import get_logger, log_once
 
 log = get_logger(__name__)
@@ -92,12 +94,18 @@ def choose_wait_policy(busy: Callable[[], tuple[float, int] | None] = busy_cpus)
     if sample is None:
         return None
     used, n = sample
-    free = available_cpus() * (1.0 - used / n)  # this process's share of the idle CPUs
-    policy = "ACTIVE" if free >= threads - 0.5 else "PASSIVE"
+    policy = "ACTIVE" if cpus_free(used, n, threads) else "PASSIVE"
     choice = f"{policy}: {used:.1f} of {n} CPUs busy at start, {threads} thread(s) wanted"
     os.environ["OMP_WAIT_POLICY"] = policy
     os.environ[CHOICE_VAR] = choice
     return choice
+
+
+def cpus_free(busy: float, n: int, threads: int) -> bool:
+    """Whether ``threads`` threads have CPUs to themselves with ``busy`` of the machine's ``n``
+    CPUs busy with other work: this process's share of the idle CPUs (its
+    :func:`available_cpus` times the idle fraction) is at least ``threads - 0.5``."""
+    return available_cpus() * (1.0 - busy / n) >= threads - 0.5
 
 
 def wait_policy() -> str:
@@ -153,7 +161,8 @@ def auto_threads() -> int:
 
 
 def configure_threads(requested: int) -> int:
-    """Set torch's intra-op thread count: ``requested`` if > 0, else :func:`auto_threads`.
+    """Set torch's intra-op thread count: ``requested`` if > 0, else :func:`auto_threads`, and
+    follow the load from now on where jemfast chose ACTIVE spinning (module docstring).
     Returns the count now in use; logs it (with the wait policy and the 1-minute load)."""
     import torch
 
@@ -161,8 +170,9 @@ def configure_threads(requested: int) -> int:
     n = requested if requested > 0 else auto
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+    following = n > 1 and os.environ.get(CHOICE_VAR, "").startswith("ACTIVE") and follow_load(n, cpus_free)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     log_once(log, ("threads", n), f"CPU: {n} torch thread(s) ({'--threads' if requested > 0 else 'auto'}; "
              f"{available_cpus()} CPU(s) available, load {load:.1f}, "
-             f"OpenMP wait: {wait_policy()})")
+             f"OpenMP wait: {wait_policy()}{', following the load' if following else ''})")
     return n
