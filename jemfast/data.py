@@ -91,9 +91,16 @@ class DataBundle:
     labelled: Split | None = None  # semi-supervised: the labelled subset of ``train`` (None: all)
     labelled_idx: torch.Tensor | None = None  # its rows in ``train``, Tensor[n_classes * N] int64
 
-    def prepare_train(self, x: torch.Tensor) -> torch.Tensor:
-        """A training batch ``x: Tensor[B, *shape]`` augmented and with N(0, noise_std) added."""
-        x = self.augment(x)
+    @property
+    def augments(self) -> bool:
+        """Whether :meth:`prepare_train` flips or crops."""
+        return self.augment_flip or self.augment_crop
+
+    def prepare_train(self, x: torch.Tensor, augment: bool = True) -> torch.Tensor:
+        """A training batch ``x: Tensor[B, *shape]`` augmented (unless ``augment`` is False) and
+        with N(0, noise_std) added."""
+        if augment:
+            x = self.augment(x)
         if self.noise_std > 0:
             x = x + self.noise_std * torch.randn_like(x)
         return x

@@ -4,9 +4,12 @@ Loss (per batch of B labelled real images and B fake images from PCD)::
 
     L = p_y_given_x_weight * CE(f(x_real), y) + p_x_weight * (mean E(x_real) - mean E(x_fake))
         [+ p_x_given_y_weight * (mean E(x_real, y) - mean E(x_fake_y, y))]
+        [+ energy_l2 * (mean E(x_real)^2 + mean E(x_fake)^2)]
 
 with x_fake_y sampled given y. Semi-supervised runs pass a separate real batch for the p(x)
-term (E(x_real) is then over that batch); ``--clf-only`` keeps the cross-entropy alone (no SGLD).
+term (E(x_real) is then over that batch), and so do runs with ``--px-augment false`` (the same
+images, un-augmented); ``--clf-only`` keeps the cross-entropy alone (no SGLD). With ``--sam-rho``
+the weights step with the gradient at their sharpness-aware perturbation (:mod:`jemfast.sam`).
 
 Everything :func:`train_step` returns stays on the device; nothing here syncs with the host.
 """
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import sam
 from .buffer import ReplayBuffer
 from .data import Split
 from .energy import energy_from_logits
@@ -56,15 +60,16 @@ class StepOutput:
 def loss_terms(model: nn.Module, x: torch.Tensor, x_fake: torch.Tensor | None, y: torch.Tensor,
                p_y_given_x_weight: float, p_x_weight: float, precision: str,
                x_px: torch.Tensor | None = None, x_fake_y: torch.Tensor | None = None,
-               p_x_given_y_weight: float = 0.0) -> dict[str, torch.Tensor]:
+               p_x_given_y_weight: float = 0.0, energy_l2: float = 0.0) -> dict[str, torch.Tensor]:
     """Forward pass and loss of one iteration (what ``--compile`` compiles, with its backward).
 
     ``x: Tensor[B, *shape]`` is the labelled batch with labels ``y``; ``x_px: Tensor[B', *shape]``
     the separate real batch of the p(x) term (None: ``x`` doubles as it); ``x_fake`` the p(x)
     term's samples; ``x_fake_y: Tensor[B, *shape]`` samples given ``y`` for the p(x|y) term.
     All go through the model in one batch. Returns device scalars by name: loss, loss_ce,
-    loss_px, e_real, e_fake, acc (fraction of ``x`` classified correctly), and loss_pxy when
-    ``x_fake_y`` is given.
+    loss_px, e_real, e_fake, acc (fraction of ``x`` classified correctly), loss_pxy when
+    ``x_fake_y`` is given, and energy_sq (mean E(real)^2 + mean E(fake)^2, unweighted) when
+    ``energy_l2`` > 0 and ``x_fake`` is given.
     """
     parts = [t for t in (x, x_px, x_fake, x_fake_y) if t is not None]
     inputs = parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -74,25 +79,33 @@ def loss_terms(model: nn.Module, x: torch.Tensor, x_fake: torch.Tensor | None, y
     logits_real = next(pieces)
     logits_px = next(pieces) if x_px is not None else logits_real
     loss_ce = F.cross_entropy(logits_real, y)
-    e_real = energy_from_logits(logits_px).mean()
+    energies_real = energy_from_logits(logits_px)
+    e_real = energies_real.mean()
+    energy_sq = None
     if x_fake is not None:
-        e_fake = energy_from_logits(next(pieces)).mean()
+        energies_fake = energy_from_logits(next(pieces))
+        e_fake = energies_fake.mean()
         loss_px = e_real - e_fake
+        if energy_l2 > 0:
+            energy_sq = energies_real.square().mean() + energies_fake.square().mean()
     else:
         e_fake = loss_px = torch.zeros((), device=x.device)
     loss = p_y_given_x_weight * loss_ce + p_x_weight * loss_px
     acc = (logits_real.argmax(1) == y).float().mean()
     out = {"loss": loss, "loss_ce": loss_ce, "loss_px": loss_px, "e_real": e_real, "e_fake": e_fake, "acc": acc}
+    if energy_sq is not None:
+        out["energy_sq"] = energy_sq
+        out["loss"] = loss + energy_l2 * energy_sq
     if x_fake_y is not None:
         out["loss_pxy"] = energy_from_logits(logits_real, y).mean() - energy_from_logits(next(pieces), y).mean()
-        out["loss"] = loss + p_x_given_y_weight * out["loss_pxy"]
+        out["loss"] = out["loss"] + p_x_given_y_weight * out["loss_pxy"]
     return out
 
 
 def jem_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_fake: torch.Tensor | None = None, *,
              x_fake_y: torch.Tensor | None = None, x_px: torch.Tensor | None = None,
              p_y_given_x_weight: float = 1.0, p_x_weight: float = 1.0, p_x_given_y_weight: float = 0.0,
-             precision: str = "fp32") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             energy_l2: float = 0.0, precision: str = "fp32") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The JEM objective for your own training loop: ``(loss, terms)``, with ``loss`` the scalar
     to call ``backward()`` on (the module docstring's L; the :func:`loss_terms` that
     ``jemfast.train`` uses) and ``terms`` its parts as device scalars: loss_ce, loss_px
@@ -101,16 +114,18 @@ def jem_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_fake: torch.T
     ``model`` returns logits (a :class:`jemfast.JEM`, or the bare classifier); ``x, y`` the
     labelled batch; ``x_fake`` SGLD samples for the p(x) term (None: no p(x) term);
     ``x_fake_y`` samples given ``y`` for the p(x|y) term; ``x_px`` a separate real batch for
-    E(real) (semi-supervised; None: ``x``). Everything goes through the model in one batch;
+    E(real) (semi-supervised; None: ``x``); ``energy_l2`` the weight of the L2 penalty on the
+    p(x) term's energies (``--energy-l2``). Everything goes through the model in one batch;
     set its train/eval mode yourself. ``precision="bf16"`` runs the forward under autocast.
     """
     px = check_value("loss.p_x_weight", p_x_weight, "p_x_weight")
     pyx = check_value("loss.p_y_given_x_weight", p_y_given_x_weight, "p_y_given_x_weight")
     pxy = check_value("loss.p_x_given_y_weight", p_x_given_y_weight, "p_x_given_y_weight")
+    l2 = check_value("loss.energy_l2", energy_l2, "energy_l2")
     if pxy > 0 and x_fake_y is None:
         raise ValueError("p_x_given_y_weight > 0 needs x_fake_y (samples given y)")
     terms = loss_terms(model, x, x_fake, y, pyx, px if x_fake is not None else 0.0, precision,
-                       x_px=x_px, x_fake_y=x_fake_y, p_x_given_y_weight=pxy)
+                       x_px=x_px, x_fake_y=x_fake_y, p_x_given_y_weight=pxy, energy_l2=l2)
     loss = terms.pop("loss")
     return loss, terms
 
@@ -169,7 +184,8 @@ def train_step(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, 
     ``x_px: Tensor[B', *shape]`` is a separate real batch for the p(x) term (semi-supervised
     runs); None uses ``x``. With ``run.channels_last`` 4-D batches are laid out channels-last
     (the model is too). Metrics: those of :func:`loss_terms` plus ``grad_norm`` (global L2 norm
-    before the step). The returned samples are the p(x) term's, else the p(x|y) term's.
+    before the step), both at the current weights (with SAM too). The returned samples are the
+    p(x) term's, else the p(x|y) term's.
     """
     b = x.shape[0]
     w = cfg.loss
@@ -187,10 +203,20 @@ def train_step(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, 
     terms = compiled_loss_terms() if cfg.run.compile else loss_terms
     extra = {} if x_px is None and x_fake_y is None else {
         "x_px": x_px, "x_fake_y": x_fake_y, "p_x_given_y_weight": pxy_weight}
-    metrics = terms(net, x, x_fake, y, w.p_y_given_x_weight, px_weight, cfg.run.precision, **extra)
-    optimizer.zero_grad(set_to_none=True)
-    metrics["loss"].backward()
+    if w.energy_l2 > 0 and x_fake is not None:
+        extra["energy_l2"] = w.energy_l2
+
+    def gradient() -> dict[str, torch.Tensor]:
+        out = terms(net, x, x_fake, y, w.p_y_given_x_weight, px_weight, cfg.run.precision, **extra)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        return out
+
+    metrics = gradient()
     metrics["grad_norm"] = gradient_norm(model, x.device)
+    if cfg.optim.sam_rho > 0:
+        with sam.perturbed(model, cfg.optim.sam_rho, cfg.optim.sam_adaptive):
+            gradient()  # the step's gradient: at the perturbed weights, same batch
     optimizer.step()
     return StepOutput({k: v.detach() for k, v in metrics.items()}, x_fake if x_fake is not None else x_fake_y)
 

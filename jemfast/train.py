@@ -195,8 +195,10 @@ class Trainer:
         set_lr(self.optimizer, self.lr)
         x_px = None
         if self.data.labelled is not None:  # semi-supervised: (x, y) feeds p(x) only, labels unused
-            x_px = self.data.prepare_train(x)
+            x_px = self.data.prepare_train(x, augment=cfg.loss.px_augment)
             x, y = self._labelled_batch()
+        elif not cfg.loss.px_augment and self.data.augments and not cfg.loss.clf_only:
+            x_px = self.data.prepare_train(x, augment=False)  # the same images, un-augmented, for p(x)
         out = train_step(cfg, self.model, self.optimizer, self.sampler, self.buffer,
                          self.data.prepare_train(x), y, self.data.n_classes, x_px=x_px, loss_model=self.loss_model)
         self.monitor.observe(out.metrics, out.x_fake)

@@ -64,6 +64,7 @@ def test_smoke_test_end_to_end(tmp_path):
     rows = trials(exp)
     assert len(rows) == 4
     assert all(r["status"] in ("finished", "stopped", "diverged") for r in rows), rows
+    assert {r["energy_l2"] for r in rows} <= {0.0, 0.1}  # a stability remedy is searched too
     injected = [r for r in rows if r["inject_divergence"] == 12]
     assert len(injected) == 1
     assert injected[0]["restarts"] >= 1 and math.isfinite(injected[0]["score"])

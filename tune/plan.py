@@ -32,7 +32,8 @@ NOT_PASSED = ("run.out", "run.resume", "run.overwrite", "run.progress")
 # --smoke-test: 4 small digits trials (one with an injected divergence), ~1 minute on 2 cores.
 SMOKE_TRAIN = {"data.dataset": "digits", "model.hidden": 16, "sampler.n_steps": 5, "optim.warmup_iters": 10,
                "run.log_every": 5, "stability.check_every": 5, "run.sample_every": 100000}
-SMOKE_SPACE = {"buffer_size": "choice:250,500,1000", "inject_divergence": "grid:12,-1,-1,-1"}
+SMOKE_SPACE = {"buffer_size": "choice:250,500,1000", "energy_l2": "choice:0,0.1",
+               "inject_divergence": "grid:12,-1,-1,-1"}
 SMOKE_TUNE = {"num_samples": 1, "max_epochs": 3, "cpus_per_trial": 1.0, "grace_period": 1}
 
 SEARCH, OBJECTIVE = "search", "objective: score = valid_acc + Wq*quality - Wr*restarts - Wd*diverged"

@@ -89,6 +89,13 @@ class OptimConfig:
                                            "epochs at which lr is multiplied by --decay-rate", lo=1, hi=100_000,
                                            metavar="E1,E2,...")
     decay_rate: float = option(0.3, "--decay-rate", "learning-rate decay factor", gt=0.0, hi=10.0)
+    sam_rho: float = option(0.0, "--sam-rho",
+                            "sharpness-aware minimisation (SAM; SADA-JEM: 2 with --sam-adaptive): each step "
+                            "takes the gradient at the worst weights within radius rho of the current ones; "
+                            "two forward+backward passes of the loss per step (0: off)", lo=0.0, hi=1e3)
+    sam_adaptive: bool = option(False, "--sam-adaptive",
+                                "adaptive SAM (ASAM): the radius scales with each weight's magnitude",
+                                action="store_true")
 
 
 @dataclass
@@ -108,6 +115,9 @@ class SamplerConfig:
                             "distribution of fresh chains: uniform U(-1,1) or informative (JEM++: per-class "
                             "Gaussian fitted to the training split)", choices=INIT_DISTS)
     backend: str = option("reference", "--backend", "SGLD backend", choices=BACKENDS)
+    grad_clip: float = option(0.0, "--sgld-grad-clip",
+                              "proximal SGLD (JEM++: 1): dE/dx clamped elementwise to [-c, c] before each "
+                              "step (0: off)", lo=0.0, hi=1e6)
 
 
 @dataclass
@@ -120,6 +130,14 @@ class LossConfig:
                                        "(fake_y sampled given y)", lo=0.0, hi=1e6)
     clf_only: bool = option(False, "--clf-only", "cross-entropy only: no SGLD, buffer unused "
                             "(p(x) and p(x|y) weights treated as 0)", action="store_true")
+    energy_l2: float = option(0.0, "--energy-l2",
+                              "L2 penalty on the p(x) term's energies: adds energy_l2 * (mean E(real)^2 + "
+                              "mean E(fake)^2) (the original author's advice against divergence: ~0.1; "
+                              "M-JEM: 0.5; 0: off)", lo=0.0, hi=1e6)
+    px_augment: bool = option(True, "--px-augment",
+                              "the p(x) term's real images are augmented (flips/crops) like the cross-entropy's; "
+                              "false: they enter it un-augmented (SADA-JEM; one more forward of the batch "
+                              "per step where augmentation is on)")
 
 
 @dataclass
