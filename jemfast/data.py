@@ -2,8 +2,10 @@
 
 - ``digits``: scikit-learn's bundled 8x8 digits (1,797 images, 1x8x8), fixed stratified
   train/valid/test split of 1,257 / 180 / 360.
-- ``digits32``: the same images and split, bilinearly upscaled to 32x32 and repeated to three
-  channels (3x32x32, CIFAR's shape): the paper's architectures on embedded data, no download.
+- ``digits32``: the same images and split, upscaled to 32x32 (``--upscale``: bilinear by
+  default, nearest or bicubic) and repeated to three channels (3x32x32, CIFAR's shape): the
+  paper's architectures on embedded data, no download. With ``--augment true`` (its preset says
+  false) its batches are flipped and cropped as CIFAR's are.
 - ``toy2d``: a labelled mixture of 8 Gaussians on a circle of radius 0.6 (std 0.08), 2-D points.
 - ``cifar10``, ``cifar100``, ``svhn``: torchvision, downloaded into ``data_dir``; the last
   ``n_valid`` images of a fixed permutation of the train split are the validation set.
@@ -147,24 +149,28 @@ def _split(x: np.ndarray, y: np.ndarray, idx: np.ndarray, device: torch.device) 
                  torch.as_tensor(y[idx], dtype=torch.int64, device=device))
 
 
-def load_digits_bundle(device: torch.device, side: int = 8) -> DataBundle:
-    """The digits split; ``side`` > 8 upscales bilinearly to 3 x side x side (``digits32``)."""
+def load_digits_bundle(device: torch.device, side: int = 8, upscale: str = "bilinear",
+                       augment: bool = False) -> DataBundle:
+    """The digits split; ``side`` > 8 resizes to 3 x side x side (``digits32``) by ``upscale``
+    (a mode of ``torch.nn.functional.interpolate``) and then flips and crops batches when
+    ``augment``."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     x = (digits.images.astype(np.float32) / 16.0 * 2.0 - 1.0)[:, None]  # [1797, 1, 8, 8]
     if side != 8:
-        big = torch.nn.functional.interpolate(torch.from_numpy(x), size=(side, side), mode="bilinear",
-                                              align_corners=False)
+        corners = {} if upscale == "nearest" else {"align_corners": False}
+        big = torch.nn.functional.interpolate(torch.from_numpy(x), size=(side, side), mode=upscale, **corners)
         x = big.clamp(-1, 1).expand(-1, 3, -1, -1).numpy()  # [1797, 3, side, side]
     y = digits.target.astype(np.int64)
     idx = np.arange(len(y))
     rest, test = train_test_split(idx, test_size=360, stratify=y, random_state=0)
     train, valid = train_test_split(rest, test_size=180, stratify=y[rest], random_state=0)
     name = "digits" if side == 8 else f"digits{side}"
+    augment = augment and side != 8
     return DataBundle(name, tuple(x.shape[1:]), 10, _split(x, y, train, device),
-                      _split(x, y, valid, device), _split(x, y, test, device))
+                      _split(x, y, valid, device), _split(x, y, test, device), augment_flip=augment, augment_crop=augment)
 
 
 def toy2d_points(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -243,7 +249,8 @@ def load_torchvision_bundle(cfg: DataConfig, device: torch.device) -> DataBundle
 def load_data(cfg: DataConfig, device: torch.device) -> DataBundle:
     """Load ``cfg.dataset`` onto ``device``. Raises UserError when it cannot be had."""
     if cfg.dataset in ("digits", "digits32"):
-        bundle = load_digits_bundle(device, side=32 if cfg.dataset == "digits32" else 8)
+        bundle = load_digits_bundle(device, side=32 if cfg.dataset == "digits32" else 8, upscale=cfg.upscale,
+                                    augment=cfg.augment)
     elif cfg.dataset == "toy2d":
         bundle = load_toy2d_bundle(device)
     else:

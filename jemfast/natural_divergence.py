@@ -4,7 +4,7 @@ Runs the paper's architecture family, a Wide-ResNet without normalisation (WRN-1
 size), on ``--dataset digits32`` (the embedded digits at 3x32x32; no download) for several seeds,
 each in up to three modes, and reports per seed whether it diverged, how the recovery went and
 the accuracy it ended with. No fault is injected: the setting is one where plain JEM diverges by
-itself (README "Natural divergence" says which and why).
+itself (docs/stability.md says which and why).
 
 - ``off``: recovery off (``--max-restarts 0``): the run stops at the first detected divergence;
 - ``defaults``: jemfast's defaults (detection and the recovery policy of jemfast.stability);
@@ -39,7 +39,7 @@ MODES = ("off", "defaults", "reference")
 # The stable setting of the same architecture (the digits32 preset otherwise): fresh chains from JEM++'s
 # informative init (per-class Gaussians) instead of U(-1, 1). From uniform noise, SGLD on a network
 # without normalisation (input gradients ~1e-4 per pixel) cannot bring the chains near the data and
-# the energy gap runs away; from the class Gaussians they start near it (README "Natural divergence").
+# the energy gap runs away; from the class Gaussians they start near it (docs/stability.md).
 REFERENCE = {"sampler.init_dist": "informative"}
 log = get_logger("jemfast.natural_divergence")
 

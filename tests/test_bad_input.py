@@ -1,4 +1,4 @@
-"""The README's bad-input table: each row gives one clear line, a non-zero exit, and leaves a
+"""The bad-input table of docs/reliability.md: each row gives one clear line, a non-zero exit, and leaves a
 previously saved run in --out byte-for-byte unchanged."""
 import hashlib
 from pathlib import Path

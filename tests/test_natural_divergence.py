@@ -1,5 +1,5 @@
 """The natural-divergence benchmark in its reduced CI form: one seed, one epoch of the digits32
-preset (WRN-10-2 without normalisation, README "Natural divergence"), no injected fault."""
+preset (WRN-10-2 without normalisation, docs/stability.md), no injected fault."""
 from __future__ import annotations
 
 import json

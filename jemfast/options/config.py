@@ -29,6 +29,7 @@ BACKENDS = ("auto", "reference", "fused", "graph", "compile")
 PRECISIONS = ("fp32", "bf16")
 SGLD_INITS = ("buffer", "noise")
 INIT_DISTS = ("uniform", "informative")
+UPSCALES = ("bilinear", "nearest", "bicubic")
 
 
 SEED_MAX = 2**32 - 1  # numpy's legacy seeding takes seeds below 2**32
@@ -51,7 +52,10 @@ class DataConfig:
     data_dir: str = option("./data", "--data-dir", "where torchvision datasets are downloaded", check=_not_empty)
     noise_std: float = option(0.03, "--data-noise", "std of N(0, s) added to training images (paper 0.03)",
                               lo=0.0, hi=10.0)
-    augment: bool = option(True, "--augment", "flips/crops for CIFAR (crops only for SVHN)")
+    augment: bool = option(True, "--augment", "flips/crops for CIFAR and digits32 (crops only for SVHN; the digits32 "
+                           "preset sets false)")
+    upscale: str = option("bilinear", "--upscale", "digits32: how the 8x8 digits are resized to 32x32",
+                          choices=UPSCALES)
     n_valid: int = option(5000, "--n-valid", "images held out of the torchvision train split for validation",
                           lo=0, hi=10_000_000)
     num_workers: int = option(2, "--num-workers", "data loader worker processes", lo=0, hi=256)
@@ -252,9 +256,10 @@ DATASET_PRESETS: dict[str, dict[str, Any]] = {
         "run.sample_every": 200,
         "run.out": "runs/digits",
     },
-    # The natural-divergence benchmark's setting (README "Natural divergence"): the paper's
+    # The natural-divergence benchmark's setting (docs/stability.md): the paper's
     # architecture family (WRN without normalisation) at a CPU size; plain JEM diverges here.
     "digits32": {
+        "data.augment": False,
         "model.name": "wrn",
         "model.depth": 10,
         "model.width": 2,

@@ -1,3 +1,3 @@
-"""What a run writes for people to read (README "Outputs"): ``metrics.jsonl``
+"""What a run writes for people to read (docs/training.md "Outputs"): ``metrics.jsonl``
 (:mod:`.metrics`), ``summary.json`` (:mod:`.summary`), sample pictures in ``samples/``
 (:mod:`.plots`) and ``curves.png`` (:mod:`.curves`). Checkpoints are :mod:`jemfast.rundir`'s."""

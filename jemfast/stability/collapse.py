@@ -1,7 +1,7 @@
 """How a natural JEM divergence shows in the per-check means, and when it began.
 
 Measured on the natural-divergence benchmark (``python -m jemfast.natural_divergence``: a
-Wide-ResNet without normalisation on 3x32x32 digits; README "Natural divergence"): the collapse
+Wide-ResNet without normalisation on 3x32x32 digits; docs/stability.md): the collapse
 is the model pushing E(real) down while the SGLD chains cannot follow, so the energy gap
 ``E(real) - E(fake)`` keeps one sign and its magnitude grows by a large factor every check
 interval (x3 to x100 per 10 iterations), the gradient norm with it; the absolute limits are met
