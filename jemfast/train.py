@@ -24,7 +24,7 @@ from .distributed import ranks, shards
 from .distributed.trainer import data_parallel
 from .options.cli import config_from_args, run_cli
 from .options.config import Config, validate
-from .outputs.curves import save_training_curves
+from .outputs.curves import CURVES_EVERY_S, save_training_curves
 from .outputs.metrics import MetricsLog, MetricWindow, log_metrics
 from .outputs.plots import save_buffer_grid, save_samples
 from .outputs.summary import existing_summary, run_summary, write_failure_summary
@@ -243,7 +243,7 @@ class Trainer:
             mark_best(self.recovery.last_good, self.out)
         save_buffer_grid(self, f"epoch_{p.epoch:04d}.png")
         self.metrics.write(record)
-        save_training_curves(self)
+        save_training_curves(self, every_s=CURVES_EVERY_S)
         if self.report is not None:
             self.report({**record, "valid_acc": self.valid_acc, "restarts": len(self.recovery.restarts),
                          "checkpoint": str(self.out / "checkpoints" / "last.pt"), "done": is_last})

@@ -35,7 +35,11 @@ def test_a_restart_starts_a_new_pass_from_the_iteration_rolled_back_to(tmp_path)
     assert save_curves(empty, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
 
 
-def test_every_run_directory_gets_curves_each_epoch(tmp_path):
+def test_curves_are_drawn_at_the_first_epoch_end_then_at_most_every_30_s_and_at_the_end(tmp_path):
     out = tmp_path / "run"
-    train(tiny_digits_config(out, optim__epochs=1))
-    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    png = out / "curves.png"
+    drawn = []  # curves.png's modification time as each epoch reports
+    train(tiny_digits_config(out, optim__epochs=3), report=lambda r: drawn.append(png.stat().st_mtime_ns))
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    # the tiny run's epochs take a few seconds: not redrawn after epochs 2 and 3 (CURVES_EVERY_S), but at the end
+    assert drawn[0] == drawn[1] == drawn[2] < png.stat().st_mtime_ns
