@@ -39,11 +39,12 @@ from .rundir.resume import read_resume_checkpoint
 from .sgld.chain_init import make_init_fn
 from .stability.inject import InjectDivergence
 from .stability.monitor import DivergenceMonitor
-from .stability.recovery import (RecoveryAction, RecoveryState, choose_target, recovery_action, restart,
-                                 state_step)
+from .stability.recovery import (RecoveryAction, RecoveryState, candidate_remedies, choose_target,
+                                 recovery_action, restart, state_step)
 from .step import accuracy, lr_at, set_lr, train_step
 
 log = get_logger(__name__)
+NOT_LEARNED_EXIT = 4  # exit code of a run that finished at chance accuracy (2: bad input, 3: diverged)
 Report = Callable[[dict[str, Any]], None]
 Hook = Callable[["Trainer"], None]  # called at the start of every iteration
 
@@ -91,6 +92,7 @@ class Trainer:
         self.monitor = DivergenceMonitor(cfg.stability, self.device, n_classes)
         self.progress = Progress(seed=cfg.run.seed)
         self.recovery = RecoveryState(memory_ring=cfg.stability.snapshot_ring)
+        self.run_cfg = cfg  # what the iterations run: cfg with the restarts' config remedies (RecoveryState.effective)
         self.hooks = list(hooks)
         if cfg.stability.inject_divergence >= 0:
             self.hooks.append(InjectDivergence(cfg.stability.inject_divergence))
@@ -188,7 +190,7 @@ class Trainer:
         return self.progress.seed * 100_003 + self.progress.epoch
 
     def _iteration(self, x: torch.Tensor, y: torch.Tensor):
-        cfg, p = self.cfg, self.progress
+        cfg, p = self.run_cfg, self.progress
         for hook in self.hooks:
             hook(self)
         self.lr = lr_at(cfg.optim, p.step, p.epoch, self.recovery.lr_scale, self.recovery.warmup_from)
@@ -282,6 +284,7 @@ class Trainer:
         if self.recovery.informative_init and self.buffer.init_fn is None:
             self._inform()
         self._reapply_lost_restarts(lost)
+        self.run_cfg = self.recovery.effective(self.cfg)
         self.recovery.set_sampler(self.sampler, self.cfg.sampler.n_steps, self.cfg.sampler.step_size)
         log.info(f"resuming from {path} (epoch {self.progress.epoch}, iteration {self.progress.step})")
         return self.progress.step
@@ -292,6 +295,7 @@ class Trainer:
         rec = self.recovery
         for event in lost:
             action = recovery_action(int(event["restart"]), self.cfg.run.seed)
+            action.overrides = dict(event.get("overrides") or {})
             rec.apply(action)
             if action.rewarm:
                 rec.warmup_from = int(event.get("rolled_back_to", rec.warmup_from))
@@ -315,7 +319,9 @@ class Trainer:
         can_inform = self.cfg.sampler.init_dist == "uniform" and bool(self.data.n_classes)
         event = restart(rec, self.cfg.run.seed, p.step, cause, self.monitor, self._roll_back, self._reseed,
                         self.sampler, self.cfg.sampler.n_steps, self.cfg.sampler.step_size, self.buffer.reset,
-                        self._inform if can_inform else None)
+                        self._inform if can_inform else None,
+                        lambda lagging: candidate_remedies(self.run_cfg, lagging, self.data.augments))
+        self.run_cfg = rec.effective(self.cfg)
         self.save_checkpoint()  # the restarted state: what --resume continues if the process dies now
         self.metrics.write(event)
         self.bar.n = p.step
@@ -415,6 +421,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"test accuracy {summary['test_acc']:.4f}, valid {summary['valid_acc']:.4f}, "
               f"{summary['iterations']} iterations in {summary['wall_time_s']:.0f} s, "
               f"{len(summary['restarts'])} restart(s); outputs in {summary['out']}")
+        if summary.get("learned") is False:
+            sys.stderr.write(f"jemfast.train: the run finished but did not learn: test accuracy "
+                             f"{summary['test_acc']:.4f} is at chance; see {summary['out']}/curves.png\n")
+            return NOT_LEARNED_EXIT
         return 0
 
     try:

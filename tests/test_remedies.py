@@ -131,7 +131,10 @@ def test_sam_leaves_batch_norm_statistics_to_the_first_pass(tmp_path):
 
 
 def tiny_cifar_config(tmp_path, out, **overrides):
-    """A CIFAR-10-format tree written by the test (flips and crops on), a small CNN."""
+    """A CIFAR-10-format tree written by the test (flips and crops on), a small CNN, one torch
+    thread: with two, the CPU's 3x32x32 convolutions reduce in an order that depends on the load
+    (measured: a mid-epoch resume differed bit-wise beside a CPU hog in 5 of 15 tries, with or
+    without any remedy; with one thread, never)."""
     root = tmp_path / "cifar"
     if not root.exists():
         write_cifar(root, "cifar10", 200, 40)
@@ -140,7 +143,7 @@ def tiny_cifar_config(tmp_path, out, **overrides):
     base = {"data.data_dir": str(root), "data.n_valid": 40, "data.num_workers": 0, "model.name": "cnn",
             "model.hidden": 8, "optim.epochs": 1, "optim.batch_size": 16, "optim.lr": 1e-3, "optim.warmup_iters": 5,
             "sampler.buffer_size": 64, "sampler.n_steps": 3, "run.out": str(out), "run.progress": False,
-            "run.log_every": 5, "run.sample_every": 1000}
+            "run.log_every": 5, "run.sample_every": 1000, "run.threads": 1}
     base.update({key.replace("__", "."): value for key, value in overrides.items()})
     return apply_preset(cfg).with_overrides(base)
 
@@ -193,3 +196,72 @@ def test_remedies_are_off_by_default():
     cfg = apply_preset(Config())
     assert (cfg.loss.energy_l2, cfg.sampler.grad_clip, cfg.optim.sam_rho, cfg.optim.sam_adaptive,
             cfg.loss.px_augment) == (0.0, 0.0, 0.0, False, True)
+
+
+# ---- the recovery policy's use of the remedies (jemfast.stability.recovery) ----------------------------
+def test_a_gradual_collapse_gets_one_remedy_at_a_time_in_the_order_the_diagnosis_calls_for():
+    from jemfast.stability.recovery import RecoveryState, candidate_remedies, recovery_action
+
+    cfg = apply_preset(Config())
+    assert candidate_remedies(cfg, chains_lagging=True, augments=True) == [
+        {"loss.px_augment": False}, {"loss.energy_l2": 0.1}]
+    assert candidate_remedies(cfg, chains_lagging=True, augments=False) == [{"loss.energy_l2": 0.1}]
+    assert candidate_remedies(cfg, chains_lagging=False, augments=True) == [{"loss.energy_l2": 0.1}]
+    rec = RecoveryState()
+    for k, expected in enumerate([{"loss.px_augment": False}, {"loss.energy_l2": 0.1}], start=1):
+        action = rec.next_action(7, gradual=True, chains_lagging=True,
+                                 remedies=candidate_remedies(rec.effective(cfg), True, True))
+        # a remedy alone: new seed, lr warm-up again, lr and the chains' settings unchanged
+        assert action.overrides == expected and action.rewarm and action.lr_factor == 1.0
+        assert (action.sgld_steps_factor, action.sgld_step_size_factor, action.reset_buffer) == (1, 1.0, False)
+        rec.apply(action)
+        rec.restarts.append({})
+    assert "--px-augment false" in recovery_action(1, 7, True, True, remedies=[{"loss.px_augment": False}]).describe()
+    effective = rec.effective(cfg)
+    assert (effective.loss.px_augment, effective.loss.energy_l2) == (False, 0.1)
+    assert (cfg.loss.px_augment, cfg.loss.energy_l2) == (True, 0.0)  # the base config is untouched
+    # no remedy left: the ladder (lr halved)
+    last = rec.next_action(7, gradual=True, chains_lagging=True, remedies=candidate_remedies(effective, True, True))
+    assert last.overrides == {} and last.lr_factor == 0.5
+    # the informative init still comes first where it can
+    assert rec.next_action(7, True, True, can_inform=True, remedies=[{"loss.energy_l2": 0.1}]).informative_init
+    again = RecoveryState()
+    again.load_state_dict(rec.state_dict())
+    assert again.overrides == {"loss.px_augment": False, "loss.energy_l2": 0.1}  # kept in checkpoints
+    # a sudden blow-up is not a collapse of the chains: no remedy, the seed/lr ladder
+    assert recovery_action(1, 7, remedies=[{"loss.energy_l2": 0.1}]).overrides == {}
+
+
+def test_a_restart_for_lagging_chains_on_augmented_data_takes_augmentation_out_of_p_x_and_resume_keeps_it(
+        tmp_path, monkeypatch):
+    import json
+
+    import jemfast.train as train_module
+    from jemfast.stability.monitor import DivergenceMonitor
+
+    # a collapse diagnosed as gradual with lagging chains (the injection only makes it happen on cue)
+    monkeypatch.setattr(DivergenceMonitor, "gradual", lambda self, onset: True)
+    monkeypatch.setattr(DivergenceMonitor, "chains_lagging", lambda self, onset=-1: True)
+    seen = []
+    real_step = train_module.train_step
+
+    def spy(cfg, *args, x_px=None, **kw):
+        seen.append((cfg.loss.px_augment, x_px is not None))
+        return real_step(cfg, *args, x_px=x_px, **kw)
+
+    monkeypatch.setattr(train_module, "train_step", spy)
+    cfg = tiny_cifar_config(tmp_path, tmp_path / "run", sampler__init_dist="informative", optim__epochs=2,
+                            stability__inject_divergence=6, stability__check_every=2, stability__max_loss=100.0)
+    summary = train(cfg)
+    assert summary["status"] == "finished" and len(summary["restarts"]) == 1
+    assert "--px-augment false" in summary["restarts"][0]["action"]
+    assert summary["remedies"] == {"loss.px_augment": False}
+    assert summary["config"]["loss"]["px_augment"] is True  # the config as given; the remedy on top
+    assert seen[0] == (True, False) and seen[-1] == (False, True)  # after the restart: a separate p(x) batch
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["overrides"] for e in events if e.get("event") == "restart"] == [{"loss.px_augment": False}]
+    # resumed (two more epochs), the remedy stays in effect
+    seen.clear()
+    train(tiny_cifar_config(tmp_path, tmp_path / "run", sampler__init_dist="informative", optim__epochs=3,
+                            run__resume=True))
+    assert seen and all(s == (False, True) for s in seen)

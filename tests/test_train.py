@@ -104,3 +104,18 @@ def test_fused_backend_resume_is_bit_exact(tmp_path):
     assert ta.keys() == tb.keys()
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k
+
+
+def test_a_run_that_ends_at_chance_says_it_did_not_learn_and_exits_4(tmp_path, capsys):
+    from jemfast.train import NOT_LEARNED_EXIT, main
+
+    base = ["--dataset", "digits", "--hidden", "8", "--buffer-size", "100", "--sgld-steps", "2", "--no-progress",
+            "--epochs", "6", "--warmup-iters", "0"]  # 114 iterations: judged (100 or more)
+    assert main([*base, "--lr", "1e-9", "--out", str(tmp_path / "still")]) == NOT_LEARNED_EXIT == 4
+    assert "did not learn" in capsys.readouterr().err.strip().splitlines()[-1]
+    still = json.loads((tmp_path / "still" / "summary.json").read_text())
+    assert still["status"] == "finished" and still["learned"] is False and still["test_acc"] <= 0.15
+    assert main([*base, "--lr", "3e-3", "--out", str(tmp_path / "learns")]) == 0
+    assert json.loads((tmp_path / "learns" / "summary.json").read_text())["learned"] is True
+    short = tiny_digits_config(tmp_path / "short", optim__lr=1e-9)  # 19 iterations: not judged
+    assert train(short)["learned"] is None

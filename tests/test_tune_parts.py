@@ -104,6 +104,17 @@ def test_build_space_flags_fix_and_validation():
     assert set(build_space(base, {"sampler.n_steps": "grid:5,10"}, set())) >= {"sgld_steps"}
 
 
+def test_every_stability_remedy_is_a_search_parameter():
+    base = digits_cfg()
+    space = build_space(base, {"energy_l2": "choice:0,0.1,0.5", "sgld_grad_clip": "loguniform:0.01,1",
+                               "sam_rho": "choice:0,0.05,2", "sam_adaptive": "choice:false,true",
+                               "px_augment": "choice:true,false"}, set())
+    assert space["energy_l2"].values == (0.0, 0.1, 0.5) and space["sgld_grad_clip"].values == (0.01, 1.0)
+    assert space["sam_adaptive"].values == (False, True) and space["px_augment"].values == (True, False)
+    with pytest.raises(ValueError, match="energy_l2|energy-l2"):
+        build_space(base, {"energy_l2": "uniform:-1,1"}, set())  # the field's bound (>= 0)
+
+
 def test_space_file_yaml_and_json(tmp_path):
     y = tmp_path / "space.yaml"
     y.write_text("buffer_size: [1000, 2000]\nsgld_step_size: {type: loguniform, low: 0.1, high: 2}\n")

@@ -14,12 +14,32 @@ from ..distributed import ranks
 from ..rundir.directory import write_json
 
 
+# A finished run whose test accuracy is at most this many times chance did not learn (the same bound
+# as the collapse test's "train accuracy fell to chance", jemfast.stability.collapse). Runs shorter than
+# JUDGED_FROM iterations are not judged: smoke tests and 1-epoch trials of the presets (19-40 iterations,
+# partly inside the lr warm-up) end near chance by design; every preset's full run has 400 or more.
+CHANCE_FACTOR = 1.5
+JUDGED_FROM = 100
+
+
+def learned(test_acc: float, n_classes: int, iterations: int) -> bool | None:
+    """Whether a test accuracy (fraction) is clearly above chance, 1 / ``n_classes``; None for
+    a run of fewer than :data:`JUDGED_FROM` iterations."""
+    if iterations < JUDGED_FROM:
+        return None
+    return math.isfinite(test_acc) and test_acc > CHANCE_FACTOR / n_classes
+
+
 def run_summary(trainer: Any, status: str, test_acc: float) -> dict[str, Any]:
-    """The summary dict of ``trainer`` (a :class:`jemfast.train.Trainer`) ending with ``status``."""
+    """The summary dict of ``trainer`` (a :class:`jemfast.train.Trainer`) ending with ``status``.
+    ``learned``: for a finished run of 100 iterations or more, whether its test accuracy is above
+    chance (else None);
+    ``remedies``: the config remedies the restarts put in effect (dotted keys)."""
     p, device = trainer.progress, trainer.device
     return {
         "status": status, "valid_acc": trainer.valid_acc, "best_valid_acc": p.best_valid_acc,
-        "test_acc": test_acc, "epochs": p.epoch, "iterations": p.step,
+        "test_acc": test_acc, "learned": learned(test_acc, trainer.data.n_classes, p.step) if status == "finished" else None,
+        "remedies": dict(trainer.recovery.overrides), "epochs": p.epoch, "iterations": p.step,
         "wall_time_s": time.perf_counter() - trainer.t0, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch_version": torch.__version__, "jemfast_version": __version__, "torch_threads": torch.get_num_threads(),

@@ -240,8 +240,10 @@ def _recovery(raw: dict, version: int, n_steps: int, cfg_steps: int) -> dict:
         informative = d.get("informative_init", False)
         if type(informative) is not bool:
             raise Corrupt("recovery informative_init is not a bool")
+        overrides = _overrides(d.get("overrides") or {}, "recovery overrides")
     else:  # format 1: restarts at the top level, lr factor under scheduler, SGLD factor implicit
         restarts, warmup_from, step_size_scale, informative = raw.get("restarts", []), 0, 1.0, False
+        overrides = {}
         lr_scale = _dict(raw["scheduler"], "scheduler", ("lr_scale",))["lr_scale"]
         factor = n_steps // cfg_steps if n_steps % cfg_steps == 0 and n_steps >= cfg_steps else 1
     events = []
@@ -249,9 +251,26 @@ def _recovery(raw: dict, version: int, n_steps: int, cfg_steps: int) -> dict:
         event = _dict(event, f"restart event {i}")
         if len(event) > 16 or any(type(k) is not str for k in event):
             raise Corrupt(f"restart event {i} is not a short dict of named values")
-        events.append({k: _scalar(v, f"restart event {i} {k}") for k, v in event.items()})
+        events.append({k: _overrides(v, f"restart event {i} overrides") if k == "overrides"
+                       else _scalar(v, f"restart event {i} {k}") for k, v in event.items()})
     return {"restarts": events, "lr_scale": _num(lr_scale, "recovery lr_scale", 1e-300, 1.0), "sgld_steps_factor": factor,
-            "warmup_from": warmup_from, "sgld_step_size_scale": step_size_scale, "informative_init": informative}
+            "warmup_from": warmup_from, "sgld_step_size_scale": step_size_scale, "informative_init": informative,
+            "overrides": overrides}
+
+
+def _overrides(x: Any, what: str) -> dict[str, Any]:
+    """Config remedies of the recovery policy: a few dotted config keys with plain values, each
+    a real field within its declared bounds."""
+    d = _dict(x, what)
+    if len(d) > 16 or any(type(k) is not str for k in d):
+        raise Corrupt(f"{what} is not a short dict of config fields")
+    if not all(v is None or type(v) in (bool, int, float, str) for v in d.values()):
+        raise Corrupt(f"{what} holds a value that is not plain")
+    try:
+        Config().with_overrides(d)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise Corrupt(f"{what}: {shorten(str(exc), 200)}") from None
+    return dict(d)
 
 
 def _progress(raw: dict) -> dict:

@@ -15,8 +15,15 @@ seed, as the JEM paper does by hand. What else it changes depends on how the div
   and fresh chains still start from U(-1, 1), the restart switches them to JEM++'s informative
   init (per-class Gaussians, :mod:`jemfast.sgld.chain_init`) and re-initialises the replay buffer
   from it, the lr unchanged: the cause is the chains, and measured on the natural-divergence
-  benchmark this alone turns a collapse into a run that learns. Otherwise each restart halves
-  the lr; k = 1, 2 also multiply the SGLD step size by 10 if the chains lagged; k = 2 doubles the
+  benchmark this alone turns a collapse into a run that learns. When that switch is made (or
+  was never possible) the next remedy the diagnosis calls for comes instead, each once, the lr
+  unchanged (:func:`candidate_remedies`): chains that lag behind augmented real images get the
+  augmentation taken out of the p(x) term (``--px-augment false``; the chains cannot reach
+  flipped and reflect-padded crops: measured on digits32 with ``--augment true``, where the
+  informative init alone still collapsed at iteration 39 and without augmentation in p(x) did
+  not), then an L2 penalty on the energies (``--energy-l2 0.1``, the original author's advice),
+  which bounds the energies' run-away. Only when no remedy is left does each restart halve the
+  lr; k = 1, 2 also multiply the SGLD step size by 10 if the chains lagged; k = 2 doubles the
   SGLD steps; k = 3 re-initialises the replay buffer.
 
 A divergence that recurs before any later check passed rolls back further than the state it
@@ -37,6 +44,7 @@ from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 
+from ..options.config import FLAGS_BY_KEY
 from ..process.errors import one_line
 from ..process.log import get_logger
 from .monitor import DivergenceMonitor
@@ -48,6 +56,19 @@ T = TypeVar("T")
 # pixel, and step size 1 leaves the chains where they start (measured on the natural-divergence
 # benchmark: 20 steps of size 1 lower E(fake) by 0.001, of size 100 by 0.36 nats, past E(real)).
 SGLD_STEP_SIZE_FACTOR = 10.0
+ENERGY_L2_REMEDY = 0.1  # the original author's advice for divergence (wgrathwohl/JEM issue 4)
+
+
+def candidate_remedies(cfg: Any, chains_lagging: bool, augments: bool) -> list[dict[str, Any]]:
+    """The config remedies a gradual collapse calls for, in order, as dotted overrides of the
+    run's current (effective) config ``cfg``; one already in effect is not offered again.
+    ``augments``: the run's training batches are flipped or cropped."""
+    remedies = []
+    if chains_lagging and augments and cfg.loss.px_augment:
+        remedies.append({"loss.px_augment": False})
+    if cfg.loss.energy_l2 == 0:
+        remedies.append({"loss.energy_l2": ENERGY_L2_REMEDY})
+    return remedies
 
 
 @dataclass
@@ -62,6 +83,7 @@ class RecoveryAction:
     reset_buffer: bool = False
     rewarm: bool = False  # the learning-rate warm-up starts again at the iteration rolled back to
     informative_init: bool = False  # fresh chains from now on from the per-class Gaussians (with reset_buffer)
+    overrides: dict[str, Any] = field(default_factory=dict)  # config remedies from now on (dotted keys)
 
     def describe(self) -> str:
         parts = [f"seed -> {self.new_seed}"]
@@ -73,6 +95,7 @@ class RecoveryAction:
             parts.append(f"sgld step size x{self.sgld_step_size_factor:g}")
         if self.informative_init:
             parts.append("fresh chains from the informative init")
+        parts += [f"{FLAGS_BY_KEY[k]} {str(v).lower() if isinstance(v, bool) else v}" for k, v in self.overrides.items()]
         if self.reset_buffer:
             parts.append("buffer re-initialised")
         if self.rewarm:
@@ -81,12 +104,13 @@ class RecoveryAction:
 
 
 def recovery_action(k: int, base_seed: int, gradual: bool = False, chains_lagging: bool = False,
-                    can_inform: bool = False) -> RecoveryAction:
+                    can_inform: bool = False, remedies: list[dict[str, Any]] = ()) -> RecoveryAction:
     """The documented action for the ``k``-th restart (1-based). ``gradual``: the divergence built
     up over several checks (its onset is before the last check; a natural collapse), rather than
     appearing within one interval; ``chains_lagging``: the energy gap ran away with E(real) below
     E(fake), the samples unable to follow the model; ``can_inform``: fresh chains start from
-    U(-1, 1) and the run can switch them to the informative init (it has labelled training data)."""
+    U(-1, 1) and the run can switch them to the informative init (it has labelled training data);
+    ``remedies``: the config remedies still open to a gradual collapse (:func:`candidate_remedies`)."""
     action = RecoveryAction(restart=k, new_seed=base_seed + 1000 * k)
     if not gradual:  # a sudden blow-up: first a new seed alone, as the paper does by hand
         action.lr_factor = 1.0 if k in (1, 3) else 0.5
@@ -96,6 +120,9 @@ def recovery_action(k: int, base_seed: int, gradual: bool = False, chains_laggin
     action.rewarm = True  # the run's settings led here: a new seed alone retraces it
     if chains_lagging and can_inform:  # once: RecoveryState passes can_inform until the switch is made
         action.informative_init = action.reset_buffer = True
+        return action
+    if remedies:
+        action.overrides = dict(remedies[0])
         return action
     action.lr_factor = 0.5
     if chains_lagging and k <= 2:
@@ -152,6 +179,7 @@ class RecoveryState:
 
     restarts: list[dict[str, Any]] = field(default_factory=list)
     informative_init: bool = False  # a restart switched fresh chains to the informative init
+    overrides: dict[str, Any] = field(default_factory=dict)  # config remedies of all restarts (dotted keys)
     lr_scale: float = 1.0
     sgld_steps_factor: int = 1
     sgld_step_size_scale: float = 1.0
@@ -204,14 +232,19 @@ class RecoveryState:
         return onset if self.last_target is None else min(onset, self.last_target - 1)
 
     def next_action(self, base_seed: int, gradual: bool = False, chains_lagging: bool = False,
-                    can_inform: bool = False) -> RecoveryAction:
+                    can_inform: bool = False, remedies: list[dict[str, Any]] = ()) -> RecoveryAction:
         """The action of the next restart."""
         return recovery_action(len(self.restarts) + 1, base_seed, gradual, chains_lagging,
-                               can_inform and not self.informative_init)
+                               can_inform and not self.informative_init, remedies)
+
+    def effective(self, cfg: Any) -> Any:
+        """``cfg`` (a :class:`jemfast.options.config.Config`) with the restarts' config remedies."""
+        return cfg.with_overrides(self.overrides) if self.overrides else cfg
 
     def apply(self, action: RecoveryAction) -> None:
-        """Make ``action``'s lr and SGLD changes cumulative with the earlier ones."""
+        """Make ``action``'s lr, SGLD and config changes cumulative with the earlier ones."""
         self.informative_init = self.informative_init or action.informative_init
+        self.overrides.update(action.overrides)
         self.lr_scale *= action.lr_factor
         self.sgld_steps_factor *= action.sgld_steps_factor
         self.sgld_step_size_scale *= action.sgld_step_size_factor
@@ -227,7 +260,8 @@ class RecoveryState:
     def state_dict(self) -> dict[str, Any]:
         return {"restarts": list(self.restarts), "lr_scale": self.lr_scale,
                 "sgld_steps_factor": self.sgld_steps_factor, "sgld_step_size_scale": self.sgld_step_size_scale,
-                "warmup_from": self.warmup_from, "informative_init": self.informative_init}
+                "warmup_from": self.warmup_from, "informative_init": self.informative_init,
+                "overrides": dict(self.overrides)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.lr_scale = float(state["lr_scale"])
@@ -235,6 +269,7 @@ class RecoveryState:
         self.sgld_step_size_scale = float(state.get("sgld_step_size_scale", 1.0))
         self.warmup_from = int(state.get("warmup_from", 0))
         self.informative_init = bool(state.get("informative_init", False))
+        self.overrides = dict(state.get("overrides") or {})
 
 
 def state_step(path: Path) -> int:
@@ -269,7 +304,8 @@ def choose_target(memory: list[GoodState], ring: list[Path], limit: int, read: C
 def restart(rec: RecoveryState, base_seed: int, diverged_at: int, cause: str, monitor: DivergenceMonitor,
             roll_back: Callable[[int, RecoveryAction], int], reseed: Callable[[int], None],
             sampler: Any | None, base_n_steps: int, base_step_size: float | None,
-            reset_buffer: Callable[[], None], inform: Callable[[], None] | None = None) -> dict[str, Any]:
+            reset_buffer: Callable[[], None], inform: Callable[[], None] | None = None,
+            remedies: Callable[[bool], list[dict[str, Any]]] | None = None) -> dict[str, Any]:
     """Carry out the next restart of the policy; returns its event (also appended to ``rec.restarts``).
 
     ``monitor`` dates the divergence (:meth:`DivergenceMonitor.onset`) and says whether the
@@ -279,10 +315,14 @@ def restart(rec: RecoveryState, base_seed: int, diverged_at: int, cause: str, mo
     stream of the run; the sampler then runs ``base_n_steps`` and ``base_step_size`` times the
     restarts' factors; ``reset_buffer()`` re-initialises the replay buffer when the action says
     so, after ``inform()`` (None: not possible) has switched fresh chains to the informative init
-    when the action says so. Logs one warning line.
+    when the action says so; ``remedies(chains_lagging)`` lists the config remedies still open
+    to the run (:func:`candidate_remedies`; None: none can apply), which take effect through
+    ``rec.overrides`` (:meth:`RecoveryState.effective`). Logs one warning line.
     """
     onset = monitor.onset()
-    action = rec.next_action(base_seed, monitor.gradual(onset), monitor.chains_lagging(onset), inform is not None)
+    lagging = monitor.chains_lagging(onset)
+    action = rec.next_action(base_seed, monitor.gradual(onset), lagging, inform is not None,
+                             remedies(lagging) if remedies is not None else [])
     rec.apply(action)
     rolled_back_to = roll_back(rec.target_limit(onset), action)
     rec.memory = [g for g in rec.memory if g.step <= rolled_back_to]  # the rest is an abandoned future
@@ -296,7 +336,8 @@ def restart(rec: RecoveryState, base_seed: int, diverged_at: int, cause: str, mo
     if action.reset_buffer:
         reset_buffer()
     event = {"event": "restart", "restart": action.restart, "step": diverged_at, "onset": onset,
-             "rolled_back_to": rolled_back_to, "cause": cause, "action": action.describe()}
+             "rolled_back_to": rolled_back_to, "cause": cause, "action": action.describe(),
+             "overrides": action.overrides}
     rec.restarts.append(event)
     log.warning(f"divergence at iteration {diverged_at} ({cause}; it began after iteration {onset}); "
                 f"restart {action.restart}: rolled back to iteration {rolled_back_to}, {action.describe()}")
