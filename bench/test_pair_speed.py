@@ -7,7 +7,9 @@ comma list): ``together`` (both launched at the same moment) and ``joins`` (the 
 ``JEMFAST_BENCH_PAIR_DELAY`` (5) s after the first). Policies: ``jemfast default`` (no OpenMP
 variable set: jemfast chooses at start and follows the load while it runs,
 jemfast.process.load_follower) and ``PASSIVE`` (both runs ``OMP_WAIT_POLICY=PASSIVE``), in
-interleaved rounds (``JEMFAST_BENCH_ROUNDS``, 1) with alternating order.
+interleaved rounds (``JEMFAST_BENCH_ROUNDS``, 1) with alternating order. ``JEMFAST_BENCH_PAIR_POLICIES``
+(comma list) may add ``ACTIVE (not following)``: both runs spin for ever, as two default runs
+that both chose ACTIVE at start did before the wait policy followed the load.
 
 Figure: the pair's makespan (first launch to last exit, start-up included, as a user waits for
 it) and each run's training rate from its summary.json. The test asserts the default pair takes
@@ -27,7 +29,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 OMP_VARS = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "JEMFAST_OMP_WAIT")
-POLICIES = {"jemfast default": {}, "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"}}
+POLICIES = {"jemfast default": {}, "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+            "ACTIVE (not following)": {"OMP_WAIT_POLICY": "ACTIVE"}}
 CASES = ("together", "joins")
 
 
@@ -65,12 +68,14 @@ def test_two_quickstart_runs_sharing_the_machine(tmp_path, record_property):
     rounds = int(os.environ.get("JEMFAST_BENCH_ROUNDS", "1"))
     cases = os.environ.get("JEMFAST_BENCH_PAIR_CASES", "together,joins").split(",")
     assert set(cases) <= set(CASES), cases
+    names = os.environ.get("JEMFAST_BENCH_PAIR_POLICIES", "jemfast default,PASSIVE").split(",")
+    assert {"jemfast default", "PASSIVE"} <= set(names) <= set(POLICIES), names
     print(f"\ntwo `python -m jemfast.train --dataset digits --epochs {epochs}` runs, {os.cpu_count()} CPUs, "
           f"{rounds} interleaved round(s) (makespan: median [min, max] s)")
     for case in cases:
-        results: dict[str, list[dict]] = {name: [] for name in POLICIES}
+        results: dict[str, list[dict]] = {name: [] for name in names}
         for r in range(rounds):
-            for name in (list(POLICIES) if r % 2 == 0 else list(POLICIES)[::-1]):
+            for name in (names if r % 2 == 0 else names[::-1]):
                 where = tmp_path / f"{case}-{r}-{name.replace(' ', '_')}"
                 results[name].append(run_pair(where, case, name, epochs, delay))
         medians = {name: statistics.median(p["makespan_s"] for p in pairs) for name, pairs in results.items()}
@@ -79,7 +84,7 @@ def test_two_quickstart_runs_sharing_the_machine(tmp_path, record_property):
         for name, pairs in results.items():
             spans = [p["makespan_s"] for p in pairs]
             rates = ", ".join(f"{run['it_per_s']:.2f}" for run in pairs[0]["runs"])
-            print(f"  {name:16s} {medians[name]:6.1f} s [{min(spans):.1f}, {max(spans):.1f}]  training it/s "
+            print(f"  {name:22s} {medians[name]:6.1f} s [{min(spans):.1f}, {max(spans):.1f}]  training it/s "
                   f"{rates}; wait: {' | '.join(run['wait'] for run in pairs[0]['runs'])}; "
                   f"load {pairs[0]['load_1min']:.1f}")
             record_property(f"pair_makespan_s[{case}][{name}]", medians[name])

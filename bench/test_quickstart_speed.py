@@ -20,7 +20,7 @@ Scenarios (``JEMFAST_BENCH_SCENARIOS``, comma list; CI's quick mode runs ``quiet
 started first); ``trials`` beside two single-thread digits trainings (what a Ray Tune experiment
 with 2 trials of 1 CPU each runs); ``hog`` beside one CPU-bound Python process; ``hog-later``:
 the hog starts 5 s after the measured process, once its policy is chosen (load that arrives
-after the start, which the default does not follow).
+after the start, which the default follows: jemfast.process.load_follower).
 """
 from __future__ import annotations
 
@@ -62,8 +62,9 @@ def worker(torch_first: bool, iters: int, forever: bool = False) -> None:
     from jemfast.options.config import Config, apply_preset
     from jemfast.data import load_data
     from jemfast.step import train_step
-    from jemfast.process.threads import wait_policy
+    from jemfast.process.threads import configure_threads, wait_policy
 
+    configure_threads(0)  # as a run does: where jemfast chose ACTIVE, the wait policy follows the load from here
     policy = "libgomp default (spin 300000)" if torch_first else wait_policy()
     cfg = Config()
     cfg.data.dataset = "digits"
