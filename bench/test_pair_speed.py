@@ -12,8 +12,10 @@ interleaved rounds (``JEMFAST_BENCH_ROUNDS``, 1) with alternating order. ``JEMFA
 that both chose ACTIVE at start did before the wait policy followed the load.
 
 Figure: the pair's makespan (first launch to last exit, start-up included, as a user waits for
-it) and each run's training rate from its summary.json. The test asserts the default pair takes
-at most 1/0.9 of the PASSIVE pair's makespan (both runs finished, rates > 0).
+it) and each run's training rate from its summary.json. The test asserts the default pair runs
+at least 0.9x the PASSIVE pair's speed (makespan ratio) with 2 or more rounds, 0.75x with one
+(CI's quick form: one round's makespans spread about +-6 %, measured 25.4-28.6 s for one policy;
+the regression it guards against, runs that spin beside each other, measured 0.28x).
 """
 from __future__ import annotations
 
@@ -92,4 +94,5 @@ def test_two_quickstart_runs_sharing_the_machine(tmp_path, record_property):
         ratio = medians["PASSIVE"] / medians["jemfast default"]
         print(f"  jemfast default pair / PASSIVE pair (speed, makespan ratio): {ratio:.2f}")
         record_property(f"pair_speed_ratio[{case}]", ratio)
-        assert ratio >= 0.9, f"{label}: the default pair ran at {ratio:.2f}x a PASSIVE pair's speed"
+        floor = 0.9 if rounds >= 2 else 0.75
+        assert ratio >= floor, f"{label}: the default pair ran at {ratio:.2f}x a PASSIVE pair's speed"
