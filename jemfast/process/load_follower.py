@@ -14,7 +14,7 @@ threads wait).
 
 Sampling: every :data:`PERIOD_S` seconds, the CPUs busy machine-wide (``/proc/stat``) less
 this process's own CPU time over the same interval is the other work's load; this process's
-share of the rest (:func:`jemfast.process.threads.free_cpus`, the rule the start-up choice
+share of the rest (:func:`jemfast.process.threads.cpus_free`, the rule the start-up choice
 uses) decides. Throttling starts at the first busy sample and stops after
 :data:`QUIET_SAMPLES` quiet ones in a row, so a brief lull does not bring back the spinning.
 """
@@ -78,6 +78,25 @@ class Throttle:
             self._thread = None
 
 
+def cpu_ticks(stat: Path = Path("/proc/stat")) -> tuple[list[int], int] | None:
+    """The tick counters of ``stat``'s machine-wide ``cpu`` line and the number of CPUs (None
+    where it cannot be read: not Linux)."""
+    try:
+        lines = stat.read_text().splitlines()
+        ticks = [int(v) for v in lines[0].split()[1:]]
+        return ticks, sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def busy_between(before: list[int], after: list[int], n: int) -> tuple[float, int]:
+    """(CPUs busy, ticks of all ``n`` CPUs) between two :func:`cpu_ticks` readings."""
+    delta = [b - a for a, b in zip(before, after)]
+    idle = delta[3] + (delta[4] if len(delta) > 4 else 0)  # idle + iowait
+    total = sum(delta[:8])  # user nice system idle iowait irq softirq steal (guest is in user)
+    return (n * (total - idle) / total if total > 0 else 0.0), total
+
+
 class LoadSampler:
     """Other work's busy CPUs since the previous call: machine-wide busy CPUs (``stat``) less
     this process's own CPU time (``time.process_time``, all its threads) over the interval."""
@@ -87,13 +106,8 @@ class LoadSampler:
         self._last = self._read()
 
     def _read(self) -> tuple[list[int], float, int] | None:
-        try:
-            lines = self.stat.read_text().splitlines()
-            ticks = [int(v) for v in lines[0].split()[1:]]
-            n = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
-        except (OSError, ValueError, IndexError):
-            return None
-        return ticks, self.own(), n
+        read = cpu_ticks(self.stat)
+        return None if read is None else (read[0], self.own(), read[1])
 
     def __call__(self) -> tuple[float, int] | None:
         """(other work's busy CPUs, CPUs in all), or None where ``stat`` cannot be read."""
@@ -101,13 +115,10 @@ class LoadSampler:
         self._last = now
         if now is None or last is None:
             return None
-        delta = [b - a for a, b in zip(last[0], now[0])]
-        total = sum(delta[:8])  # user nice system idle iowait irq softirq steal, in ticks of all CPUs
+        busy, total = busy_between(last[0], now[0], now[2])
         if total <= 0:
             return None
-        idle = delta[3] + delta[4]
         seconds = total / now[2] / os.sysconf("SC_CLK_TCK")  # the interval's wall time
-        busy = now[2] * (total - idle) / total
         return max(0.0, busy - (now[1] - last[1]) / seconds), now[2]
 
 

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .load_follower import follow_load
+from .load_follower import busy_between, cpu_ticks, follow_load
 from .log import get_logger, log_once
 
 log = get_logger(__name__)
@@ -51,21 +51,14 @@ def busy_cpus(sample_s: float = SAMPLE_S, stat: Path = Path("/proc/stat")) -> tu
     """(CPUs busy, CPUs in all) over the next ``sample_s`` seconds, machine-wide, from the
     ``cpu`` line of ``stat`` (this process sleeps meanwhile, so the busy ones are other work's);
     None where it cannot be read (not Linux)."""
-    def read() -> tuple[list[int], int]:
-        lines = stat.read_text().splitlines()
-        total = [int(v) for v in lines[0].split()[1:]]
-        return total, sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
-
-    try:
-        before, n = read()
-        time.sleep(sample_s)
-        after, _ = read()
-    except (OSError, ValueError, IndexError):
+    before = cpu_ticks(stat)
+    if before is None:
         return None
-    delta = [b - a for a, b in zip(before, after)]
-    idle = delta[3] + (delta[4] if len(delta) > 4 else 0)  # idle + iowait
-    total = sum(delta[:8])  # user nice system idle iowait irq softirq steal (guest is in user)
-    return (n * (total - idle) / total if total > 0 else 0.0), n
+    time.sleep(sample_s)
+    after = cpu_ticks(stat)
+    if after is None:
+        return None
+    return busy_between(before[0], after[0], before[1])[0], before[1]
 
 
 def wanted_threads() -> int:
