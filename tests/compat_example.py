@@ -40,8 +40,10 @@ def eval_example() -> ModuleType:
 
 def run_example(args: list[str], timeout: float = 600, script: Path = EXAMPLE) -> subprocess.CompletedProcess:
     """``python examples/jem_original_style.py ARGS`` (or another ``script``) in a fresh
-    interpreter, importing this checkout's jemfast."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+    interpreter, importing this checkout's jemfast, on one CPU thread: the tests compare two
+    such runs bit for bit, and a multi-threaded convolution's reduction order follows the
+    machine's load (measured: the same eval differed in 57 % of a buffer's values beside a busy run)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, str(script), *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=env)

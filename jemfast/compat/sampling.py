@@ -20,7 +20,7 @@ is :func:`.pcd.pcd_step`):
 from __future__ import annotations
 
 from argparse import Namespace
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from ..sgld import SGLD
 from .pcd import BACKEND_ENV, Buffer, InitFn, LogDensities, pcd_step, sgld_backend
 from .shape import declared_shape
 
-__all__ = ["BACKEND_ENV", "get_sample_q", "init_random", "sgld_backend"]
+__all__ = ["BACKEND_ENV", "SampleQ", "get_sample_q", "init_random", "sgld_backend"]
 
 
 def init_random(args: Namespace, bs: int, shape: Sequence[int] | None = None) -> torch.Tensor:
@@ -38,10 +38,56 @@ def init_random(args: Namespace, bs: int, shape: Sequence[int] | None = None) ->
     return torch.empty(bs, *(declared_shape(args, shape, "init_random") or (3, 32, 32))).uniform_(-1, 1)
 
 
-def get_sample_q(args: Namespace, device: torch.device | str, init_fn: InitFn | None = None, *,
-                 shape: Sequence[int] | None = None) -> Callable[..., torch.Tensor]:
+class SampleQ:
     """The original ``sample_q(f, replay_buffer, y=None, n_steps=args.n_steps) -> Tensor[B, ...]``
-    (module docstring), its chains run by :class:`jemfast.SGLD` on ``device``.
+    (module docstring), its chains run by :class:`jemfast.SGLD` (``.sampler``) on ``device``.
+
+    ``n_steps`` and ``step_size`` are ``args.n_steps`` and ``args.sgld_lr``, read at every call
+    (setting them sets ``args``'s), and ``init_fn`` (``(args, bs) -> Tensor[bs, *shape]`` or None:
+    U(-1, 1)) draws the fresh chains: so ``jemfast.Guard(..., sampler=sample_q)`` can scale the
+    steps and switch fresh chains to the informative init.
+    """
+
+    def __init__(self, args: Namespace, device: torch.device, init_fn: InitFn | None,
+                 declared: Sequence[int] | None) -> None:
+        self.args, self.device, self.init_fn, self.declared = args, device, init_fn, declared
+        backend, self.source = sgld_backend(args)
+        self.sampler = SGLD(n_steps=args.n_steps, step_size=args.sgld_lr, noise_std=args.sgld_std, backend=backend)
+        self.densities = LogDensities()
+
+    @property
+    def n_steps(self) -> int:
+        return self.args.n_steps
+
+    @n_steps.setter
+    def n_steps(self, value: int) -> None:
+        self.args.n_steps = value
+
+    @property
+    def step_size(self) -> float:
+        return self.args.sgld_lr
+
+    @step_size.setter
+    def step_size(self, value: float) -> None:
+        self.args.sgld_lr = value
+        self.sampler.step_size = value
+
+    def __call__(self, f: nn.Module, replay_buffer: Buffer, y: torch.Tensor | None = None,
+                 n_steps: int | None = None) -> torch.Tensor:
+        """``Tensor[B, n_ch, im_sz, im_sz]`` of samples on ``device`` (B: ``args.batch_size``, or
+        ``y.size(0)``); ``replay_buffer`` is updated in place unless empty. ``n_steps`` None:
+        ``args.n_steps`` as it is now."""
+        args = self.args
+        steps = args.n_steps if n_steps is None else n_steps
+        self.sampler.step_size, self.sampler.noise_std = args.sgld_lr, args.sgld_std  # as the original reads them
+        return pcd_step(args, self.device, self.sampler, self.densities(f), f, replay_buffer, y, steps,
+                        getattr(args, "n_classes", None), self.declared, self.init_fn, "sample_q", self.source)
+
+
+def get_sample_q(args: Namespace, device: torch.device | str, init_fn: InitFn | None = None, *,
+                 shape: Sequence[int] | None = None) -> SampleQ:
+    """The original ``get_sample_q(args, device)``: a :class:`SampleQ`, called as the original's
+    ``sample_q(f, replay_buffer, y=None, n_steps=args.n_steps)``.
 
     Reads ``args.n_steps``, ``sgld_lr``, ``sgld_std``, ``reinit_freq``, ``batch_size``,
     ``n_classes``, ``uncond`` (and ``n_ch``/``im_sz`` if set, ``sgld_backend`` for the backend).
@@ -52,20 +98,4 @@ def get_sample_q(args: Namespace, device: torch.device | str, init_fn: InitFn | 
     the buffer stays where it is. Raises ValueError (one line) for a shape that cannot be known
     or that disagrees, here or at the first call, before any work.
     """
-    device = torch.device(device)
-    declared = declared_shape(args, shape, "get_sample_q")
-    backend, source = sgld_backend(args)
-    sampler = SGLD(n_steps=args.n_steps, step_size=args.sgld_lr, noise_std=args.sgld_std, backend=backend)
-    densities = LogDensities()
-
-    def sample_q(f: nn.Module, replay_buffer: Buffer, y: torch.Tensor | None = None,
-                 n_steps: int | None = None) -> torch.Tensor:
-        """``Tensor[B, n_ch, im_sz, im_sz]`` of samples on ``device`` (B: ``args.batch_size``, or
-        ``y.size(0)``); ``replay_buffer`` is updated in place unless empty. ``n_steps`` None:
-        ``args.n_steps`` as it is now (so ``jemfast.Guard(..., sampler=args)`` can scale it)."""
-        steps = args.n_steps if n_steps is None else n_steps
-        return pcd_step(args, device, sampler, densities(f), f, replay_buffer, y, steps,
-                        getattr(args, "n_classes", None), declared, init_fn, "sample_q", source)
-
-    sample_q.sampler = sampler  # type: ignore[attr-defined]  # the SGLD object (backend, n_steps)
-    return sample_q
+    return SampleQ(args, torch.device(device), init_fn, declared_shape(args, shape, "get_sample_q"))

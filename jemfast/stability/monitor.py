@@ -22,9 +22,10 @@ The recovery policy that answers a detection is in :mod:`jemfast.stability.recov
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from bisect import bisect_right
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -186,6 +187,24 @@ class DivergenceMonitor:
             if k:
                 keep.add(have[k - 1])
         self._states = {s: self._states[s] for s in keep}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the tests have seen (history, interval sums, series, the good states'
+        histories): a monitor loaded from it judges the following iterations as this one would."""
+        return {"flags": self.flags.clone(), "interval": self.interval.clone(), "count": self.count,
+                "observed": self.observed, "has_acc": self.has_acc, "history": self.history.clone(),
+                "seen": self.seen, "series": [dataclasses.astuple(s) for s in self.series],
+                "states": {step: (h.clone(), seen, n) for step, (h, seen, n) in self._states.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        dev = self.flags.device
+        self.flags.copy_(state["flags"].to(dev))
+        self.interval.copy_(state["interval"].to(dev))
+        self.history.copy_(state["history"].to(dev))
+        self.count, self.observed, self.seen = int(state["count"]), int(state["observed"]), int(state["seen"])
+        self.has_acc = bool(state["has_acc"])
+        self.series = [IntervalStats(int(s[0]), *map(float, s[1:])) for s in state["series"]]
+        self._states = {int(step): (h.to(dev).clone(), int(seen), int(n)) for step, (h, seen, n) in state["states"].items()}
 
     def onset(self) -> int:
         """The iteration the divergence just detected began at (:func:`jemfast.stability.collapse.onset`);

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Collection, Iterable, TypeVar
 
 import torch
 
@@ -59,16 +59,18 @@ SGLD_STEP_SIZE_FACTOR = 10.0
 ENERGY_L2_REMEDY = 0.1  # the original author's advice for divergence (wgrathwohl/JEM issue 4)
 
 
-def candidate_remedies(cfg: Any, chains_lagging: bool, augments: bool) -> list[dict[str, Any]]:
+def candidate_remedies(cfg: Any, chains_lagging: bool, augments: bool,
+                       applicable: Collection[str] | None = None) -> list[dict[str, Any]]:
     """The config remedies a gradual collapse calls for, in order, as dotted overrides of the
     run's current (effective) config ``cfg``; one already in effect is not offered again.
-    ``augments``: the run's training batches are flipped or cropped."""
+    ``augments``: the run's training batches are flipped or cropped; ``applicable``: the keys
+    the run can apply (None: all; :class:`jemfast.Guard`: those its loop has hooks for)."""
     remedies = []
     if chains_lagging and augments and cfg.loss.px_augment:
         remedies.append({"loss.px_augment": False})
     if cfg.loss.energy_l2 == 0:
         remedies.append({"loss.energy_l2": ENERGY_L2_REMEDY})
-    return remedies
+    return [r for r in remedies if applicable is None or set(r) <= set(applicable)]
 
 
 @dataclass
@@ -104,20 +106,22 @@ class RecoveryAction:
 
 
 def recovery_action(k: int, base_seed: int, gradual: bool = False, chains_lagging: bool = False,
-                    can_inform: bool = False, remedies: list[dict[str, Any]] = ()) -> RecoveryAction:
+                    can_inform: bool = False, remedies: list[dict[str, Any]] = (),
+                    can_rewarm: bool = True) -> RecoveryAction:
     """The documented action for the ``k``-th restart (1-based). ``gradual``: the divergence built
     up over several checks (its onset is before the last check; a natural collapse), rather than
     appearing within one interval; ``chains_lagging``: the energy gap ran away with E(real) below
     E(fake), the samples unable to follow the model; ``can_inform``: fresh chains start from
     U(-1, 1) and the run can switch them to the informative init (it has labelled training data);
-    ``remedies``: the config remedies still open to a gradual collapse (:func:`candidate_remedies`)."""
+    ``remedies``: the config remedies still open to a gradual collapse (:func:`candidate_remedies`);
+    ``can_rewarm``: the run can start its lr warm-up again (a Guard told its warm-up length)."""
     action = RecoveryAction(restart=k, new_seed=base_seed + 1000 * k)
     if not gradual:  # a sudden blow-up: first a new seed alone, as the paper does by hand
         action.lr_factor = 1.0 if k in (1, 3) else 0.5
         action.sgld_steps_factor = 2 if k == 3 else 1
         action.reset_buffer = k == 4
         return action
-    action.rewarm = True  # the run's settings led here: a new seed alone retraces it
+    action.rewarm = can_rewarm  # the run's settings led here: a new seed alone retraces it
     if chains_lagging and can_inform:  # once: RecoveryState passes can_inform until the switch is made
         action.informative_init = action.reset_buffer = True
         return action
@@ -232,10 +236,11 @@ class RecoveryState:
         return onset if self.last_target is None else min(onset, self.last_target - 1)
 
     def next_action(self, base_seed: int, gradual: bool = False, chains_lagging: bool = False,
-                    can_inform: bool = False, remedies: list[dict[str, Any]] = ()) -> RecoveryAction:
+                    can_inform: bool = False, remedies: list[dict[str, Any]] = (),
+                    can_rewarm: bool = True) -> RecoveryAction:
         """The action of the next restart."""
         return recovery_action(len(self.restarts) + 1, base_seed, gradual, chains_lagging,
-                               can_inform and not self.informative_init, remedies)
+                               can_inform and not self.informative_init, remedies, can_rewarm)
 
     def effective(self, cfg: Any) -> Any:
         """``cfg`` (a :class:`jemfast.options.config.Config`) with the restarts' config remedies."""
@@ -305,7 +310,8 @@ def restart(rec: RecoveryState, base_seed: int, diverged_at: int, cause: str, mo
             roll_back: Callable[[int, RecoveryAction], int], reseed: Callable[[int], None],
             sampler: Any | None, base_n_steps: int, base_step_size: float | None,
             reset_buffer: Callable[[], None], inform: Callable[[], None] | None = None,
-            remedies: Callable[[bool], list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+            remedies: Callable[[bool], list[dict[str, Any]]] | None = None,
+            can_rewarm: bool = True) -> dict[str, Any]:
     """Carry out the next restart of the policy; returns its event (also appended to ``rec.restarts``).
 
     ``monitor`` dates the divergence (:meth:`DivergenceMonitor.onset`) and says whether the
@@ -317,12 +323,13 @@ def restart(rec: RecoveryState, base_seed: int, diverged_at: int, cause: str, mo
     so, after ``inform()`` (None: not possible) has switched fresh chains to the informative init
     when the action says so; ``remedies(chains_lagging)`` lists the config remedies still open
     to the run (:func:`candidate_remedies`; None: none can apply), which take effect through
-    ``rec.overrides`` (:meth:`RecoveryState.effective`). Logs one warning line.
+    ``rec.overrides`` (:meth:`RecoveryState.effective`); ``can_rewarm``: the run starts its lr
+    warm-up again from ``rec.warmup_from`` when the action says so. Logs one warning line.
     """
     onset = monitor.onset()
     lagging = monitor.chains_lagging(onset)
     action = rec.next_action(base_seed, monitor.gradual(onset), lagging, inform is not None,
-                             remedies(lagging) if remedies is not None else [])
+                             remedies(lagging) if remedies is not None else [], can_rewarm)
     rec.apply(action)
     rolled_back_to = roll_back(rec.target_limit(onset), action)
     rec.memory = [g for g in rec.memory if g.step <= rolled_back_to]  # the rest is an abandoned future
