@@ -81,4 +81,4 @@ def build_buffer(cfg: Config, input_shape: tuple[int, ...], n_classes: int, devi
 def build_sampler(cfg: Config) -> SGLD:
     s = cfg.sampler
     return SGLD(s.n_steps, s.step_size, s.noise_std, s.backend, precision=cfg.run.precision,
-                channels_last=cfg.run.channels_last, grad_clip=s.grad_clip or None)
+                channels_last=cfg.run.channels_last, grad_clip=s.grad_clip or None, clamp=s.clamp, mode=s.mode)

@@ -83,10 +83,13 @@ def test_pgd_lowers_accuracy_as_epsilon_grows(full_eval):
             assert all(b <= a + 1e-9 for a, b in zip(acc, acc[1:])), (norm, k, acc)
 
 
-def test_generation_skipped_without_inception_weights(full_eval):
-    _, results = full_eval
-    line = results["generation"]["skipped"]
+def test_generation_on_digits_without_inception_weights_gives_the_digits_metrics(full_eval):
+    out, results = full_eval
+    g = results["generation"]
+    line = g["inception"]["skipped"]  # the standard FID network's part: no weights, no download
     assert "Inception" in line and "\n" not in line
+    assert g["digits_fid"] > 0 and 1.0 <= g["digits_is"] <= 10.0  # IS is at most the number of classes
+    assert "digits FID" in (out / "report.md").read_text()
 
 
 def test_cli_end_to_end(digits_ckpt, tmp_path, capsys):

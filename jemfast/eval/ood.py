@@ -22,7 +22,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..data import DataBundle
@@ -187,7 +186,7 @@ def histograms(in_scores: dict[str, np.ndarray], set_scores: dict[str, dict[str,
             ax.tick_params(axis="x", labelsize=8)
             if c == 0:
                 ax.legend(fontsize=8, loc="upper left")
-    fig.suptitle(f"OOD score histograms (values outside the central 99 % are piled at the edges)",
+    fig.suptitle("OOD score histograms (values outside the central 99 % are piled at the edges)",
                  fontsize=10)
     fig.tight_layout()
     return save(fig, path)

@@ -76,7 +76,15 @@ def robustness_md(r: dict[str, Any]) -> list[str]:
 
 
 def generation_md(r: dict[str, Any]) -> list[str]:
-    lines = ["| samples | Inception Score | FID |", "|---|---:|---:|",
+    lines = []
+    if "digits_fid" in r:
+        lines += ["| samples | digits IS | digits FID |", "|---|---:|---:|",
+                  f"| all ({r['source']}) | {r['digits_is']:.2f} +- {r['digits_is_std']:.2f} | {r['digits_fid']:.1f} |",
+                  "", f"In the features of a small digits classifier (jemfast.eval.digits_fidelity), reference: "
+                  f"{r['reference']}; comparable between jemfast runs only.", ""]
+    if "fid" not in r:
+        return lines + [f"Inception IS/FID: {r.get('inception', {}).get('skipped', 'not computed')}", ""]
+    lines += ["| samples | Inception Score | FID |", "|---|---:|---:|",
              f"| all ({r['n_fake']}, {r['source']}) | {r['inception_score']:.2f} +- {r['inception_score_std']:.2f} "
              f"| {r['fid']:.1f} |",
              f"| top 10 % by p(y\\|x) | {r['inception_score_top10']:.2f} +- {r['inception_score_top10_std']:.2f} "

@@ -8,12 +8,14 @@ and exit code 2 (:func:`run_cli`).
 from __future__ import annotations
 
 import argparse
+import textwrap
 import os
 import sys
 from typing import Callable, Sequence
 
 from ..process.errors import DivergenceExhausted, UserError, one_line
-from .config import Config, build_config
+from .config import FLAGS_BY_KEY, Config, build_config
+from .recipes import NAMES as RECIPE_NAMES, describe
 from .schema import add_flags, given_values
 
 
@@ -27,7 +29,11 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser(prog: str = "python -m jemfast.train") -> argparse.ArgumentParser:
     p = OneLineParser(prog=prog, description="Train a Joint Energy-based Model (JEM). Defaults are the "
-                      "paper's; --dataset digits/toy2d apply their presets first, then the flags given.")
+                      "paper's; --dataset digits/digits32/toy2d apply their presets first, then --recipe, then "
+                      "the flags given.", epilog="recipes (--recipe; docs/recipes.md):\n"
+                      + "\n".join(textwrap.fill(describe(name, FLAGS_BY_KEY), 100, initial_indent="  ",
+                                                 subsequent_indent="    ", break_on_hyphens=False) for name in RECIPE_NAMES if name != "none"),
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(p, Config)
     return p
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..process.errors import one_line
+from .recipes import NAMES as RECIPE_NAMES, recipe_values
 from .schema import Kind, check_field, check_fields, declared, label_of, option, show
 
 DATASETS = ("cifar10", "cifar100", "svhn", "digits", "digits32", "toy2d")
@@ -30,6 +31,7 @@ PRECISIONS = ("fp32", "bf16")
 SGLD_INITS = ("buffer", "noise")
 INIT_DISTS = ("uniform", "informative")
 UPSCALES = ("bilinear", "nearest", "bicubic")
+SGLD_MODES = ("eval", "train")
 
 
 SEED_MAX = 2**32 - 1  # numpy's legacy seeding takes seeds below 2**32
@@ -122,6 +124,10 @@ class SamplerConfig:
     grad_clip: float = option(0.0, "--sgld-grad-clip",
                               "proximal SGLD (JEM++: 1): dE/dx clamped elementwise to [-c, c] before each "
                               "step (0: off)", lo=0.0, hi=1e6)
+    clamp: bool = option(False, "--sgld-clamp", "clamp the chains to [-1, 1] after each step (JEM++, SADA-JEM)")
+    mode: str = option("eval", "--sgld-mode",
+                       "the model's mode while sampling: eval (the paper's) or train (batch norm on batch "
+                       "statistics, updating its running statistics: JEM++, SADA-JEM)", choices=SGLD_MODES)
 
 
 @dataclass
@@ -199,6 +205,9 @@ class RunConfig:
     progress: bool = option(True, "--no-progress", "no progress bar", action="store_false")
     threads: int = option(0, "--threads", "torch CPU threads (0: auto: torch's count, at most the CPUs this "
                           "process may use; jemfast.process.threads)", lo=0, hi=65536)
+    recipe: str = option("none", "--recipe",
+                         "a published JEM recipe's settings (after the dataset's preset, before the flags given; "
+                         "docs/recipes.md and the list below): " + ", ".join(RECIPE_NAMES), choices=RECIPE_NAMES)
 
 
 SECTIONS = ("data", "model", "optim", "sampler", "loss", "stability", "run")
@@ -235,8 +244,16 @@ class Config:
         return cls().with_overrides(flat)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "Config":
-        """A validated copy with dotted keys set: ``cfg.with_overrides({"sampler.n_steps": 40})``."""
+        """A validated copy with dotted keys set: ``cfg.with_overrides({"sampler.n_steps": 40})``.
+        A new ``run.recipe`` among them sets the recipe's values first (jemfast.options.recipes),
+        the other keys given win over it."""
         cfg = copy.deepcopy(self)
+        recipe = overrides.get("run.recipe", cfg.run.recipe)
+        if recipe != cfg.run.recipe:
+            recipe = check_value("run.recipe", recipe)
+            for key, value in recipe_values(recipe, DATASET_PRESETS.get(cfg.data.dataset, {}),
+                                            cfg.optim.optimizer).items():
+                set_dotted(cfg, key, value)
         for key, value in overrides.items():
             set_dotted(cfg, key, value)
         return validate(cfg)
