@@ -232,7 +232,8 @@ class Trainer:
         p.epoch += 1
         p.batch_in_epoch = 0
         is_last = p.epoch == cfg.optim.epochs
-        record: dict[str, Any] = {"event": "epoch", "step": p.step, "epoch": p.epoch}
+        record: dict[str, Any] = {"event": "epoch", "step": p.step, "epoch": p.epoch,
+                                  "time": time.perf_counter() - self.t0}
         is_best = False
         if p.epoch % cfg.run.eval_every == 0 or is_last:
             self.valid_acc = record["valid_acc"] = accuracy(self.model, self.data.valid, precision=cfg.run.precision)

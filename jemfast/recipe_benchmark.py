@@ -1,0 +1,146 @@
+"""``python -m jemfast.recipe_benchmark``: time to a good JEM, per recipe (``--recipe``), on the
+embedded digits, side by side on one machine.
+
+Every recipe x seed x dataset is an ordinary ``jemfast.train`` run (``OUT/DATASET/RECIPE/seed-S``)
+with jemfast's defaults otherwise (divergence recovery on). After it, the sample quality of its
+replay buffer in the features of the digits classifier (``jemfast.eval``'s generation part:
+digits FID and IS against the training digits). The report (:mod:`jemfast.outputs.recipe_report`):
+per recipe the final test accuracy, digits FID/IS, restarts, wall time, and the time at which
+each run first reached the ``jem`` recipe's final validation accuracy (the mean over its seeds),
+against ``jem``'s own wall time; ``table.md``, ``recipes.png`` (validation accuracy against wall
+time), ``results.jsonl`` one line per run as they finish. Runs go ``--jobs`` at a time with
+CPUs / jobs torch threads each, so compare wall times within one invocation only.
+docs/recipes.md has the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .options.cli import OneLineParser, run_cli
+from .options.config import Config, build_config
+from .options.recipes import NAMES as RECIPES
+from .options.schema import add_flags, check_fields, given_values, option
+from .process.errors import DivergenceExhausted, UserError
+from .process.log import get_logger, setup_cli_logging
+
+PROG = "python -m jemfast.recipe_benchmark"
+TRAIN = "train:"
+log = get_logger("jemfast.recipe_benchmark")
+
+
+@dataclass
+class BenchOptions:
+    datasets: tuple[str, ...] = option(("digits32",), "--datasets", "embedded datasets to run on",
+                                       choices=("digits", "digits32"), metavar="D1,D2")
+    recipes: tuple[str, ...] = option(tuple(r for r in RECIPES if r != "none"), "--recipes", "recipes to compare",
+                                      choices=tuple(r for r in RECIPES if r != "none"), metavar="R1,R2,...")
+    seeds: tuple[int, ...] = option((1, 2, 3), "--seeds", "training seeds", lo=0, hi=2**32 - 1, metavar="S1,S2,...")
+    jobs: int = option(1, "--jobs", "runs at a time (each with CPUs / jobs torch threads)", lo=1, hi=256)
+    gen_n: int = option(1000, "--gen-n", "buffer samples scored for the digits FID/IS", lo=10, hi=1_000_000)
+    out: str = option("runs/recipes", "--out", "directory of the benchmark's runs and report")
+    overwrite: bool = option(False, "--overwrite", "replace the runs already in --out", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description="The JEM recipes side by side: accuracy, sample quality, "
+                                             "restarts and the time to the jem recipe's accuracy.")
+    add_flags(p, BenchOptions)
+    t = p.add_argument_group("training flags (as for python -m jemfast.train; they change every run)")
+    add_flags(p, Config, skip=("data.dataset", "run.out", "run.seed", "run.resume", "run.overwrite", "run.recipe"),
+              dest_prefix=TRAIN, group=t)
+    return p
+
+
+def run_one(cfg: Config, dataset: str, recipe: str, seed: int, gen_n: int) -> dict[str, Any]:
+    """Train one run and score its buffer; its row of the report."""
+    from .eval.options import options_from_args
+    from .eval.runner import run_eval
+    from .train import train
+
+    t0 = time.perf_counter()
+    try:
+        summary = train(cfg)
+    except DivergenceExhausted:
+        summary = json.loads((Path(cfg.run.out) / "summary.json").read_text())
+    wall = time.perf_counter() - t0
+    events = [json.loads(line) for line in (Path(cfg.run.out) / "metrics.jsonl").read_text().splitlines()]
+    curve = [(e["time"], e["valid_acc"]) for e in events if e.get("event") == "epoch" and "valid_acc" in e]
+    row = {"dataset": dataset, "recipe": recipe, "seed": seed, "status": summary["status"],
+           "restarts": len(summary.get("restarts") or []), "test_acc": summary.get("test_acc", math.nan),
+           "valid_acc": summary.get("valid_acc", math.nan), "wall_s": wall, "curve": curve, "out": cfg.run.out,
+           "digits_fid": math.nan, "digits_is": math.nan}
+    if summary["status"] == "finished":
+        opts = options_from_args(["--checkpoint", str(Path(cfg.run.out) / "checkpoints" / "last.pt"),
+                                  "--what", "generation", "--gen-n", str(gen_n), "--device", "cpu", "--no-progress",
+                                  "--out", str(Path(cfg.run.out) / "eval")])
+        gen = run_eval(opts)["generation"]
+        row.update(digits_fid=gen.get("digits_fid", math.nan), digits_is=gen.get("digits_is", math.nan))
+    return row
+
+
+def run_benchmark(opts: BenchOptions, base: dict[str, Any]) -> list[dict[str, Any]]:
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    from .outputs.recipe_report import plot, write_table
+    from .process.threads import available_cpus
+
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    if opts.overwrite:
+        results.unlink(missing_ok=True)
+    if "run.threads" not in base:
+        base = {**base, "run.threads": max(1, available_cpus() // opts.jobs)}
+    plan = [(d, r, s, build_config({"data.dataset": d, "run.recipe": r, **base, "run.seed": s, "run.progress": False,
+                                    "run.out": str(out / d / r / f"seed-{s}"), "run.overwrite": opts.overwrite}))
+            for d in opts.datasets for s in opts.seeds for r in opts.recipes]
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+
+    def done(row: dict[str, Any]) -> None:
+        rows.append(row)
+        with results.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        write_table(rows, out / "table.md")
+        plot(rows, out / "recipes.png")
+        eta = (time.perf_counter() - t0) / len(rows) * (len(plan) - len(rows))
+        log.info(f"{len(rows)}/{len(plan)} {row['dataset']} {row['recipe']} seed {row['seed']}: {row['status']}, "
+                 f"test {row['test_acc']:.3f}, digits FID {row['digits_fid']:.1f} ({row['wall_s']:.0f} s; "
+                 f"ETA {eta:.0f} s)")
+
+    if opts.jobs == 1:
+        for d, r, s, cfg in plan:
+            done(run_one(cfg, d, r, s, opts.gen_n))
+    else:
+        with ProcessPoolExecutor(opts.jobs, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(run_one, cfg, d, r, s, opts.gen_n) for d, r, s, cfg in plan]
+            for future in as_completed(futures):
+                done(future.result())
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_cli_logging("jemfast.recipe_benchmark")
+
+    def _run() -> int:
+        args = build_parser().parse_args(argv)
+        opts = check_fields(BenchOptions(**given_values(args, BenchOptions)))
+        if not opts.seeds or not opts.recipes or not opts.datasets:
+            raise UserError("--datasets, --recipes and --seeds must name at least one")
+        run_benchmark(opts, given_values(args, Config, TRAIN))
+        print((Path(opts.out) / "table.md").read_text(encoding="utf-8"))
+        return 0
+
+    return run_cli(_run, PROG)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
