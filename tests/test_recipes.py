@@ -96,3 +96,15 @@ def test_the_sampler_runs_in_the_recipes_mode_and_clamps_its_chains():
     assert x.abs().max() <= 1.0  # clamped after each step
     assert not torch.equal(net[1].running_mean, before)  # batch norm ran on batch statistics (train mode)
     assert not model.training  # and the mode was restored
+
+
+def test_jemfast_tune_searches_over_recipes():
+    from jemfast.tune.space import build_space, trial_overrides
+
+    base = build_config({"data.dataset": "digits32", "run.progress": False})
+    space = build_space(base, {"recipe": "choice:jem,sadajem,mjem"}, set())
+    assert space["recipe"].values == ("jem", "sadajem", "mjem")
+    trial = base.with_overrides(trial_overrides(space, {"recipe": "sadajem"}))
+    assert (trial.run.recipe, trial.optim.sam_rho, trial.loss.px_augment) == ("sadajem", 2.0, False)
+    with pytest.raises(ValueError, match="recipe"):
+        build_space(base, {"recipe": "choice:jem,jem3"}, set())
