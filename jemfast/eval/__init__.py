@@ -3,7 +3,8 @@
 Parts (``--what``): accuracy, calibration (ECE, reliability diagram), ood (AUROC of log p(x),
 max_y p(y|x) and -||d log p(x)/dx||), samples (short-run chains, replay buffer, most/least
 likely real images), robustness (PGD L2/L-inf through 0/1/10 SGLD refinement steps),
-generation (Inception Score / FID when Inception weights are present).
+generation (Inception Score / FID when Inception weights are present; on the digits also the
+digits FID / IS of :mod:`.digits_fidelity`, which need no file).
 
 Files: :mod:`.options` (the command's flags, declared once), :mod:`.runner` (runs the parts),
 one module per part (:mod:`.calibration`, :mod:`.ood`, :mod:`.robustness`, :mod:`.generation`,

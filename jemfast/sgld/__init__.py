@@ -5,7 +5,8 @@ Read in this order: :mod:`.spec` (what a chain does), :mod:`.reference` (the loo
 trainer uses), :mod:`.backends` (choosing a backend; ``auto``'s rules in :mod:`.auto_rule`),
 then the fast ways to run the same loop: :mod:`.fused` (Triton update), :mod:`.graph` (CUDA
 graph capture), :mod:`.compiled` (``torch.compile`` of one step). Fresh chains start from
-:mod:`.chain_init` (``--init``); :mod:`.sync_check` records the host syncs of a region (tests).
+:mod:`.chain_init` (``--init``), fitted for :class:`jemfast.Guard` to the per-class sample of
+:mod:`.reservoir`; :mod:`.sync_check` records the host syncs of a region (tests).
 """
 from .backends import NAMES, make_chain, resolve_backend, unavailable
 from .reference import energy_of, reference_chain, sgld_chain, torch_update
