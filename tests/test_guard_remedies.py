@@ -165,6 +165,14 @@ def test_without_data_or_hooks_the_guard_falls_back_to_the_lr_ladder():
     assert loop.guard.init_fn is None and loop.sample_q.init_fn is None and loop.guard.reservoir is None
 
 
+def test_a_dataset_handed_over_once_is_enough():
+    loop = Loop(windows=(20,), data=False, reservoir_per_class=50)
+    loop.guard.add_data(loop.x, loop.y)  # all 1,797 digits at once
+    assert loop.guard.reservoir.seen.sum() == len(loop.y) and loop.guard.reservoir.nbytes == 10 * 51 * 64 * 4
+    loop.run(20 + 2 * CHECK)
+    assert "informative init" in loop.guard.restarts[0]["action"]
+
+
 def test_a_replay_buffer_gets_the_informative_init_as_its_init_fn():
     loop = Loop(windows=(20,), buffer="replay").run(20 + 3 * CHECK)
     assert loop.guard.restarts and loop.buffer.init_fn is loop.guard.init_fn
