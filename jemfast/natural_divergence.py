@@ -100,6 +100,7 @@ def run_config(base: dict[str, Any], setting: str, seed: int, mode: str, out: Pa
 
 def run_one(cfg: Config, setting: str, seed: int, mode: str) -> dict[str, Any]:
     """Train one run; its row of the table (``exit`` is what ``python -m jemfast.train`` exits with)."""
+    from .eval.runner import digits_quality
     from .train import NOT_LEARNED_EXIT, train
 
     t0 = time.perf_counter()
@@ -118,7 +119,9 @@ def run_one(cfg: Config, setting: str, seed: int, mode: str) -> dict[str, Any]:
             "detected_at": first["step"] if first else None, "cause": first["cause"] if first else "",
             "stopped_at": stop["step"] if stop else None, "remedies": summary.get("remedies") or {},
             "valid_acc": summary.get("valid_acc", math.nan), "test_acc": summary.get("test_acc", math.nan),
-            "wall_s": time.perf_counter() - t0, "out": cfg.run.out}
+            "wall_s": time.perf_counter() - t0, "out": cfg.run.out,
+            **(digits_quality(cfg.run.out) if summary["status"] == "finished" and mode != "clf-only"
+               else {"digits_fid": math.nan, "digits_is": math.nan})}
 
 
 def run_benchmark(opts: BenchOptions, base: dict[str, Any]) -> list[dict[str, Any]]:

@@ -60,8 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_one(cfg: Config, dataset: str, recipe: str, seed: int, gen_n: int) -> dict[str, Any]:
     """Train one run and score its buffer; its row of the report."""
-    from .eval.options import options_from_args
-    from .eval.runner import run_eval
+    from .eval.runner import digits_quality
     from .train import train
 
     t0 = time.perf_counter()
@@ -77,11 +76,7 @@ def run_one(cfg: Config, dataset: str, recipe: str, seed: int, gen_n: int) -> di
            "valid_acc": summary.get("valid_acc", math.nan), "wall_s": wall, "curve": curve, "out": cfg.run.out,
            "digits_fid": math.nan, "digits_is": math.nan}
     if summary["status"] == "finished":
-        opts = options_from_args(["--checkpoint", str(Path(cfg.run.out) / "checkpoints" / "last.pt"),
-                                  "--what", "generation", "--gen-n", str(gen_n), "--device", "cpu", "--no-progress",
-                                  "--out", str(Path(cfg.run.out) / "eval")])
-        gen = run_eval(opts)["generation"]
-        row.update(digits_fid=gen.get("digits_fid", math.nan), digits_is=gen.get("digits_is", math.nan))
+        row.update(digits_quality(cfg.run.out, gen_n))
     return row
 
 

@@ -41,6 +41,8 @@ def test_one_seed_diverges_by_itself_and_the_defaults_roll_back_before_the_onset
     assert defaults["status"] == "finished" and defaults["restarts"] == 1, defaults
     assert all(rows[s, "defaults"]["status"] == "finished" for s in ("digits32", "cifar-path"))
     assert all(rows[s, "clf-only"]["restarts"] == 0 for s in ("digits32", "cifar-path"))
+    # sample quality beside accuracy: the digits FID of each finished JEM run's buffer
+    assert all(rows[s, "defaults"]["digits_fid"] > 0 for s in ("digits32", "cifar-path"))
     table = (out / "table.md").read_text()
     assert table.splitlines()[2].startswith("| digits32 | 1/1 |") or table.splitlines()[3].startswith("| digits32 | 1/1 |")
     assert "| 1 | off | diverged" in table and "minus clf-only" in table

@@ -166,5 +166,18 @@ def _generation(opts, model, cfg, buffer, data, device, out):
     return res
 
 
+def digits_quality(run_dir: str | Path, gen_n: int = 1000) -> dict[str, float]:
+    """``{"digits_fid", "digits_is"}`` of a finished digits run's replay buffer (``gen_n`` rows)
+    against its training digits (:mod:`.digits_fidelity`); what the benchmarks report beside
+    accuracy. Writes the evaluation to ``run_dir/eval``."""
+    from .options import options_from_args
+
+    opts = options_from_args(["--checkpoint", str(Path(run_dir) / "checkpoints" / "last.pt"), "--what", "generation",
+                              "--gen-n", str(gen_n), "--device", "cpu", "--no-progress",
+                              "--out", str(Path(run_dir) / "eval")])
+    gen = run_eval(opts)["generation"]
+    return {k: float(gen.get(k, float("nan"))) for k in ("digits_fid", "digits_is")}
+
+
 PARTS = {"accuracy": _accuracy, "calibration": _calibration, "ood": _ood, "samples": _samples,
          "robustness": _robustness, "generation": _generation}

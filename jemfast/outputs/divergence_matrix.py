@@ -25,6 +25,10 @@ def _pct(v: Any) -> str:
     return "—" if v is None or not math.isfinite(v) else f"{100 * v:.1f} %"
 
 
+def _num(v: Any) -> str:
+    return "—" if v is None or not math.isfinite(v) else f"{v:.1f}"
+
+
 def _mean(values: list[float]) -> float:
     finite = [v for v in values if math.isfinite(v)]
     return statistics.fmean(finite) if finite else math.nan
@@ -80,13 +84,14 @@ def write_table(rows: list[dict[str, Any]], path: Any) -> None:
     lines = summary_lines(rows)
     for setting, runs in _by(rows).items():
         lines += ["", f"**{setting}**", "", "| seed | mode | outcome | first detection | remedies | test acc | "
-                  "minus clf-only | wall s |", "|---|---|---|---|---|---|---|---|"]
+                  "minus clf-only | digits FID | wall s |", "|---|---|---|---|---|---|---|---|---|"]
         for (seed, mode), r in sorted(runs.items()):
             gap = gap_to_classifier(runs, seed) if mode == "defaults" else math.nan
             cause = r["cause"].split(";")[0] if r["cause"] else ""
             remedies = ", ".join(f"{k}={v}" for k, v in r["remedies"].items())
             lines.append(f"| {seed} | {mode} | {outcome(r)} | {cause} | {remedies} | {_pct(r['test_acc'])} | "
-                         f"{'' if math.isnan(gap) else f'{100 * gap:+.1f}'} | {r['wall_s']:.0f} |")
+                         f"{'' if math.isnan(gap) else f'{100 * gap:+.1f}'} "
+                         f"| {_num(r.get('digits_fid', math.nan))} | {r['wall_s']:.0f} |")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
