@@ -125,9 +125,7 @@ def run_one(cfg: Config, setting: str, seed: int, mode: str) -> dict[str, Any]:
 
 
 def run_benchmark(opts: BenchOptions, base: dict[str, Any]) -> list[dict[str, Any]]:
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from multiprocessing import get_context
-
+    from .process.pool import run_all
     from .process.threads import available_cpus
     from .outputs.divergence_matrix import outcome, plot, write_table
 
@@ -155,14 +153,7 @@ def run_benchmark(opts: BenchOptions, base: dict[str, Any]) -> list[dict[str, An
         log.info(f"{len(rows)}/{len(plan)} {row['setting']} seed {row['seed']} {row['mode']}: {outcome(row)}"
                  f" ({row['wall_s']:.0f} s; ETA {eta:.0f} s)")
 
-    if opts.jobs == 1:
-        for setting, seed, mode, cfg in plan:
-            done(run_one(cfg, setting, seed, mode))
-    else:
-        with ProcessPoolExecutor(opts.jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(run_one, cfg, setting, seed, mode) for setting, seed, mode, cfg in plan]
-            for future in as_completed(futures):
-                done(future.result())
+    run_all(run_one, [(cfg, setting, seed, mode) for setting, seed, mode, cfg in plan], opts.jobs, done)
     return rows
 
 

@@ -81,10 +81,8 @@ def run_one(cfg: Config, dataset: str, recipe: str, seed: int, gen_n: int) -> di
 
 
 def run_benchmark(opts: BenchOptions, base: dict[str, Any]) -> list[dict[str, Any]]:
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from multiprocessing import get_context
-
     from .outputs.recipe_report import plot, write_table
+    from .process.pool import run_all
     from .process.threads import available_cpus
 
     out = Path(opts.out)
@@ -111,14 +109,7 @@ def run_benchmark(opts: BenchOptions, base: dict[str, Any]) -> list[dict[str, An
                  f"test {row['test_acc']:.3f}, digits FID {row['digits_fid']:.1f} ({row['wall_s']:.0f} s; "
                  f"ETA {eta:.0f} s)")
 
-    if opts.jobs == 1:
-        for d, r, s, cfg in plan:
-            done(run_one(cfg, d, r, s, opts.gen_n))
-    else:
-        with ProcessPoolExecutor(opts.jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(run_one, cfg, d, r, s, opts.gen_n) for d, r, s, cfg in plan]
-            for future in as_completed(futures):
-                done(future.result())
+    run_all(run_one, [(cfg, d, r, s, opts.gen_n) for d, r, s, cfg in plan], opts.jobs, done)
     return rows
 
 
