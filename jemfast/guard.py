@@ -118,7 +118,8 @@ class Guard:
         self.device = device_of(model, buffer)
         self.monitor = DivergenceMonitor(self.cfg, self.device)
         self.recovery = RecoveryState(memory_ring=self.cfg.snapshot_ring)
-        n_classes = n_classes if n_classes is not None else getattr(getattr(sampler, "args", sampler), "n_classes", None)
+        if n_classes is None:  # the swapped sample_q's args, or args itself
+            n_classes = getattr(getattr(sampler, "args", sampler), "n_classes", None)
         for name, value, lo in (("n_classes", n_classes, 1), ("reservoir_per_class", reservoir_per_class, 2),
                                 ("warmup_iters", warmup_iters, 0)):
             if value is not None and (isinstance(value, bool) or int(value) != value or value < lo):
@@ -155,7 +156,8 @@ class Guard:
         if x is not None:
             self.add_data(x, y)
         dev = self.device
-        metrics = {"loss": device_scalar(loss, dev), "e_real": device_scalar(e_real, dev), "e_fake": device_scalar(e_fake, dev),
+        metrics = {"loss": device_scalar(loss, dev), "e_real": device_scalar(e_real, dev),
+                   "e_fake": device_scalar(e_fake, dev),
                    "grad_norm": gradient_norm(self.model, dev) if grad_norm is None else device_scalar(grad_norm, dev)}
         self.monitor.observe(metrics, None if x_fake is None else x_fake.detach().to(dev))
         self.iteration += 1
@@ -286,7 +288,8 @@ class Guard:
         own checkpoint (``torch.save``; tensors on the device, loadable with ``weights_only=True``)."""
         return {"format": FILE_FORMAT, "iteration": self.iteration, "seed": self.seed,
                 "base_n_steps": self.base_n_steps, "base_step_size": self.base_step_size,
-                "n_classes": self.n_classes, "hooks": sorted(self.hooks), "ramp": self._ramp, "monitor": self.monitor.state_dict(),
+                "n_classes": self.n_classes, "hooks": sorted(self.hooks), "ramp": self._ramp,
+                "monitor": self.monitor.state_dict(),
                 "reservoir": None if self.reservoir is None else self.reservoir.state_dict(),
                 **copy.deepcopy(self.recovery.state_dict())}
 

@@ -57,7 +57,8 @@ def to_digits8(x: torch.Tensor) -> torch.Tensor:
 @lru_cache(maxsize=1)
 def digits_net() -> DigitsNet:
     """The feature network, trained on jemfast's digits training split (1,257 images): Adam,
-    :data:`TRAIN_STEPS` full-batch steps from seed :data:`TRAIN_SEED`, on the CPU (5-15 s on 2 cores; 96.7 % test accuracy). Cached
+    :data:`TRAIN_STEPS` full-batch steps from seed :data:`TRAIN_SEED`, on the CPU (5-15 s on 2
+    cores; 96.7 % test accuracy). Cached
     per process; returned in eval mode, without gradients."""
     from ..data import load_digits_bundle
 

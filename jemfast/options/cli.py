@@ -28,11 +28,11 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser(prog: str = "python -m jemfast.train") -> argparse.ArgumentParser:
+    recipes = [textwrap.fill(describe(name, FLAGS_BY_KEY), 100, initial_indent="  ", subsequent_indent="    ",
+                             break_on_hyphens=False) for name in RECIPE_NAMES if name != "none"]
     p = OneLineParser(prog=prog, description="Train a Joint Energy-based Model (JEM). Defaults are the "
                       "paper's; --dataset digits/digits32/toy2d apply their presets first, then --recipe, then "
-                      "the flags given.", epilog="recipes (--recipe; docs/recipes.md):\n"
-                      + "\n".join(textwrap.fill(describe(name, FLAGS_BY_KEY), 100, initial_indent="  ",
-                                                 subsequent_indent="    ", break_on_hyphens=False) for name in RECIPE_NAMES if name != "none"),
+                      "the flags given.", epilog="recipes (--recipe; docs/recipes.md):\n" + "\n".join(recipes),
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(p, Config)
     return p
