@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from jemfast.stability.collapse import IntervalStats, accuracy_collapsed, gap_drifting, onset
+from jemfast.stability.collapse import IntervalStats, accuracy_collapsed, gap_drifting, gap_running_away, onset
 from jemfast.stability.recovery import GoodState, RecoveryState, choose_target
 
 # Measured (10-iteration means of E(real) - E(fake) and the grad norm) on the natural-divergence
@@ -56,6 +56,26 @@ def test_accuracy_falling_to_chance_after_learning():
     assert not accuracy_collapsed(rows, None)
     never = [IntervalStats(10 * i, 0.0, 1.0, a) for i, a in enumerate([0.1, 0.12, 0.3, 0.1, 0.1], 1)]
     assert not accuracy_collapsed(never, 10)  # never learned: nothing fell
+
+
+# Measured on the natural-divergence benchmark's batch-norm setting (seed 7, 10-iteration log means
+# of E(real) - E(fake) and train accuracy): the gap grows by ~2 nats per interval, never doubling,
+# while the classifier stays near chance (21.9 % test after 12 epochs, undetected before)
+BATCH_NORM = [(10, -0.76, 0.109), (20, -2.43, 0.112), (30, -4.0, 0.138), (40, -5.82, 0.144), (50, -7.73, 0.172),
+              (60, -9.73, 0.153)]
+
+
+def test_a_steady_runaway_at_chance_is_flagged_once_the_gap_passes_the_floor():
+    rows = [IntervalStats(step, gap, 5.0, acc) for step, gap, acc in BATCH_NORM]
+    assert not any(gap_drifting(rows[:k + 1]) for k in range(len(rows)))  # too slow for the drift test
+    assert [gap_running_away(rows[:k + 1], 10) for k in range(len(rows))] == [False] * 3 + [True] * 3
+    assert not gap_running_away(rows, None)  # accuracy unknown: no judgement
+    learning = [IntervalStats(s.step, s.gap, 5.0, 0.1 + 0.1 * k) for k, s in enumerate(rows)]
+    assert not gap_running_away(learning, 10)  # the classifier leaves chance: energies may separate
+    swinging = [IntervalStats(s.step, s.gap * (-1) ** k, 5.0, s.acc) for k, s in enumerate(rows)]
+    assert not gap_running_away(swinging, 10)
+    shrinking = rows[:4] + [IntervalStats(50, -5.5, 5.0, 0.15)]
+    assert not gap_running_away(shrinking, 10)
 
 
 def state(step: int) -> dict:

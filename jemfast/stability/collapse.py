@@ -11,7 +11,13 @@ level with both signs. So, on the means over each check interval (:class:`Interv
 - **gap drift**: the last :data:`DRIFT_STEPS` intervals each grew ``|gap|`` by at least
   :data:`DRIFT_GROWTH` with the same sign, and ``|gap|`` is now above :data:`DRIFT_FLOOR` nats;
 - **accuracy collapse**: train accuracy once reached :data:`LEARNED_ACC` (and 3x chance) and
-  has fallen to at most 1.5x chance in the last two intervals.
+  has fallen to at most 1.5x chance in the last two intervals;
+- **steady runaway**: ``|gap|`` grew in each of the last :data:`RUNAWAY_STEPS` intervals with the
+  same sign, is above :data:`RUNAWAY_FLOOR` nats, and train accuracy stayed at most
+  :data:`RUNAWAY_ACC` x chance through them. Measured on the batch-norm setting of the natural-divergence benchmark: the gap
+  runs away linearly, -2 nats per 10 iterations to -110 by iteration 460, too slowly to double
+  per interval, while the classifier never leaves chance (21.9 % test after 12 epochs, undetected
+  before this test); healthy runs of the benchmark's other 8 settings kept ``|gap|`` under 1.8 nats.
 
 :func:`onset` dates the collapse: the start of the run of abnormal intervals that ends at the
 detection (``|gap|`` or the gradient norm more than doubling per interval, or ``|gap|`` above a
@@ -28,6 +34,9 @@ DRIFT_FLOOR = 1.0  # nats
 ONSET_GROWTH = 2.0  # per check interval: healthy learning does not double the gap or grad norm that fast
 ONSET_GAP_FLOOR = 0.05  # nats: a gap wandering near 0 doubles by chance
 LEARNED_ACC = 0.5
+RUNAWAY_STEPS = 3
+RUNAWAY_FLOOR = 5.0  # nats
+RUNAWAY_ACC = 2.0  # x chance: the batch-norm runs' train accuracy wandered 9-19 % while the gap ran away
 SUDDEN_GROWTH = 1000.0  # per interval: beyond what a natural collapse does (x3 to x100, measured)
 
 
@@ -63,6 +72,22 @@ def accuracy_collapsed(series: list[IntervalStats], n_classes: int | None) -> bo
     if len(accs) < 3 or max(accs[:-2]) < max(LEARNED_ACC, 3 * chance):
         return False
     return all(a <= 1.5 * chance for a in accs[-2:])
+
+
+def gap_running_away(series: list[IntervalStats], n_classes: int | None) -> bool:
+    """True when ``|gap|`` grew in each of the last :data:`RUNAWAY_STEPS` intervals keeping its
+    sign, is above :data:`RUNAWAY_FLOOR`, and train accuracy (logged, ``n_classes`` known) stayed
+    at most :data:`RUNAWAY_ACC` x chance in all of them: the energies separate while nothing is learned."""
+    if not n_classes or len(series) < RUNAWAY_STEPS + 1:
+        return False
+    last = series[-(RUNAWAY_STEPS + 1):]
+    gaps = [s.gap for s in last]
+    if not all(math.isfinite(g) for g in gaps) or abs(gaps[-1]) < RUNAWAY_FLOOR:
+        return False
+    same_sign = all(g > 0 for g in gaps[1:]) or all(g < 0 for g in gaps[1:])
+    growing = all(abs(b) > abs(a) for a, b in zip(gaps, gaps[1:]))
+    at_chance = all(math.isfinite(s.acc) and s.acc <= RUNAWAY_ACC / n_classes for s in last[1:])
+    return same_sign and growing and at_chance
 
 
 def onset(series: list[IntervalStats]) -> int:

@@ -31,7 +31,7 @@ import torch
 
 from ..options.config import StabilityConfig
 from ..process.log import get_logger
-from .collapse import (DRIFT_FLOOR, SUDDEN_GROWTH, IntervalStats, accuracy_collapsed, gap_drifting,
+from .collapse import (DRIFT_FLOOR, SUDDEN_GROWTH, IntervalStats, accuracy_collapsed, gap_drifting, gap_running_away,
                        onset as collapse_onset)
 
 log = get_logger(__name__)
@@ -49,8 +49,10 @@ CAUSES = (
     # judged on the host at a check, from the interval means (jemfast.stability.collapse)
     "energy gap drifting away (E(real) and E(fake) separating)",
     "train accuracy fell to chance",
+    "energy gap running away steadily while the classifier stays at chance",
 )
-DRIFT_BIT, ACC_BIT = 1 << 9, 1 << 10
+DRIFT_BIT, ACC_BIT, RUNAWAY_BIT = 1 << 9, 1 << 10, 1 << 11
+HOST_CAUSES = 3  # the last CAUSES, judged on the host
 # Floors of the robust scale of log(1 + v), energy gap and gradient norm, so a near-constant history
 # (MAD ~ 0) does not turn noise into alarms: with relative_z = 8 the smallest flagged rise is 8 x 0.25
 # = 2 in log(1 + gap), i.e. 1 + gap above e^2 = 7.4 times 1 + its recent median, and 8 x 0.45 = 3.6
@@ -78,7 +80,7 @@ class DivergenceMonitor:
         # and averages the interval means, so every rank dates a collapse alike
         self.reduce: Callable[[int], int] | None = None
         self.reduce_means: Callable[[list[float]], list[float]] | None = None
-        self._bits = 2 ** torch.arange(len(CAUSES) - 2, device=device)
+        self._bits = 2 ** torch.arange(len(CAUSES) - HOST_CAUSES, device=device)
         self.history = torch.zeros(2, cfg.relative_window, device=device)
         self._min_scale = torch.tensor(MIN_LOG_SCALE, device=device)
         self.seen = 0
@@ -162,6 +164,8 @@ class DivergenceMonitor:
                 value |= DRIFT_BIT
             if accuracy_collapsed(self.series, self.n_classes):
                 value |= ACC_BIT
+            if gap_running_away(self.series, self.n_classes):
+                value |= RUNAWAY_BIT
         if self.reduce is not None:
             value = self.reduce(value)
         self.flags.zero_()
