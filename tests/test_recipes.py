@@ -70,6 +70,10 @@ def test_the_flags_given_win_over_the_recipe_and_the_recipe_over_the_preset():
     assert (cfg.optim.sam_rho, cfg.sampler.n_steps, cfg.run.recipe) == (0.5, 3, "sadajem")
     assert cfg.model.norm == "batch"  # the recipe's, over the preset's none
     assert "mjem: M-JEM" in build_parser().format_help()  # --help names every recipe's settings
+    short = config_from_args(["--dataset", "digits32", "--recipe", "jempp", "--epochs", "6"])
+    assert short.optim.decay_epochs == (2, 4, 5)  # 50, 100, 125 of 150 -> of the run's 6 epochs
+    fixed = config_from_args(["--dataset", "digits32", "--recipe", "jempp", "--epochs", "6", "--decay-epochs", "3"])
+    assert fixed.optim.decay_epochs == (3,)
 
 
 def test_a_search_over_recipes_applies_each_recipes_settings():

@@ -251,8 +251,10 @@ class Config:
         recipe = overrides.get("run.recipe", cfg.run.recipe)
         if recipe != cfg.run.recipe:
             recipe = check_value("run.recipe", recipe)
-            for key, value in recipe_values(recipe, DATASET_PRESETS.get(cfg.data.dataset, {}),
-                                            cfg.optim.optimizer).items():
+            preset = DATASET_PRESETS.get(cfg.data.dataset, {})
+            if preset and "optim.epochs" in overrides:  # the decay epochs scale to the run's length
+                preset = {**preset, "optim.epochs": overrides["optim.epochs"]}
+            for key, value in recipe_values(recipe, preset, cfg.optim.optimizer).items():
                 set_dotted(cfg, key, value)
         for key, value in overrides.items():
             set_dotted(cfg, key, value)

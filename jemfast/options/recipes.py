@@ -75,7 +75,7 @@ def recipe_values(name: str, preset: dict[str, Any], optimizer: str = "adam") ->
     the CIFAR-scale datasets), whose optimizer is ``optimizer``: the recipe's, less the preset's
     scale (:data:`SCALE_KEYS`; and its lr, when the recipe uses the preset's optimizer: the
     digits presets' Adam lr 1e-3 is JEM's 1e-4 at a CPU budget), with the decay epochs at the
-    recipe's fractions of the preset's epochs."""
+    recipe's fractions of the preset's epochs (the run's, when ``--epochs`` is given)."""
     if name == "none":
         return {}
     values = dict(RECIPES[name][1])
