@@ -46,6 +46,8 @@ class BenchOptions:
     gen_n: int = option(1000, "--gen-n", "buffer samples scored for the digits FID/IS", lo=10, hi=1_000_000)
     out: str = option("runs/recipes", "--out", "directory of the benchmark's runs and report")
     overwrite: bool = option(False, "--overwrite", "replace the runs already in --out", action="store_true")
+    report: bool = option(False, "--report", "only write table.md and recipes.png again from --out's results.jsonl",
+                          action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,11 +75,29 @@ def run_one(cfg: Config, dataset: str, recipe: str, seed: int, gen_n: int) -> di
     curve = [(e["time"], e["valid_acc"]) for e in events if e.get("event") == "epoch" and "valid_acc" in e]
     row = {"dataset": dataset, "recipe": recipe, "seed": seed, "status": summary["status"],
            "restarts": len(summary.get("restarts") or []), "test_acc": summary.get("test_acc", math.nan),
-           "valid_acc": summary.get("valid_acc", math.nan), "wall_s": wall, "curve": curve, "out": cfg.run.out,
+           "valid_acc": summary.get("valid_acc", math.nan), "learned": summary.get("learned"), "wall_s": wall,
+           "curve": curve, "out": cfg.run.out,
            "digits_fid": math.nan, "digits_is": math.nan}
     if summary["status"] == "finished":
         row.update(digits_quality(cfg.run.out, gen_n))
     return row
+
+
+def write_report(out: Path) -> None:
+    """table.md and recipes.png again from ``out``'s results.jsonl (a row without ``learned``, from
+    an older version, takes it from its run's summary.json)."""
+    from .outputs.recipe_report import plot, write_table
+
+    results = out / "results.jsonl"
+    if not results.is_file():
+        raise UserError(f"{results}: no such file (run the benchmark into --out first)")
+    rows = [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for row in rows:
+        summary = Path(row["out"]) / "summary.json"
+        if "learned" not in row and summary.is_file():
+            row["learned"] = json.loads(summary.read_text(encoding="utf-8")).get("learned")
+    write_table(rows, out / "table.md")
+    plot(rows, out / "recipes.png")
 
 
 def run_benchmark(opts: BenchOptions, base: dict[str, Any]) -> list[dict[str, Any]]:
@@ -119,9 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     def _run() -> int:
         args = build_parser().parse_args(argv)
         opts = check_fields(BenchOptions(**given_values(args, BenchOptions)))
-        if not opts.seeds or not opts.recipes or not opts.datasets:
+        if opts.report:
+            write_report(Path(opts.out))
+        elif not opts.seeds or not opts.recipes or not opts.datasets:
             raise UserError("--datasets, --recipes and --seeds must name at least one")
-        run_benchmark(opts, given_values(args, Config, TRAIN))
+        else:
+            run_benchmark(opts, given_values(args, Config, TRAIN))
         print((Path(opts.out) / "table.md").read_text(encoding="utf-8"))
         return 0
 

@@ -27,3 +27,29 @@ def test_the_recipes_run_side_by_side_and_are_scored(tmp_path, capsys):
     assert "| jem | 1 | 1 |" in table and "| mjem | 1 | 1 |" in table and "time to target" in table
     assert (tmp_path / "recipes.png").stat().st_size > 10_000
     assert "digits FID" in capsys.readouterr().out
+
+
+def test_a_jem_run_at_chance_sets_no_target_and_report_rebuilds_the_table(tmp_path, capsys):
+    def row(recipe, seed, valid, wall, curve, learned=None):
+        run = tmp_path / "digits32" / recipe / f"seed-{seed}"
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text(json.dumps({"learned": learned}))
+        return {"dataset": "digits32", "recipe": recipe, "seed": seed, "status": "finished", "restarts": 0,
+                "test_acc": valid, "valid_acc": valid, "wall_s": wall, "curve": curve, "out": str(run),
+                "digits_fid": 20.0, "digits_is": 5.0}
+
+    rows = [row("jem", 1, 0.12, 500.0, [(250.0, 0.1), (500.0, 0.12)], learned=False),
+            row("jem", 2, 0.80, 400.0, [(200.0, 0.5), (400.0, 0.8)], learned=True),
+            row("mjem", 1, 0.85, 150.0, [(60.0, 0.7), (120.0, 0.82), (150.0, 0.85)], learned=True)]
+    # rows as an older version wrote them, without "learned": --report reads it from each summary.json
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["--report", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "table.md").read_text()
+    assert "final validation accuracy, 80.0 %" in table and "wall time 400 s" in table  # seed 1 at chance: out
+    assert "| jem | 2 | 2 | 1 |" in table and "| jem | 1 | finished (at chance: did not learn) |" in table
+    assert "| mjem | 1 | 1 | 1 | 0 | 85.0 |" in table and "| 1/1 | 120 | 0.30 |" in table  # 120 s / 400 s
+    assert (tmp_path / "recipes.png").is_file() and "digits FID" in capsys.readouterr().out
+    rows[1]["learned"] = False
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main(["--report", "--out", str(tmp_path)])
+    assert "No target: no `jem` run finished above chance" in (tmp_path / "table.md").read_text()
