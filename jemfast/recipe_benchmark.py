@@ -10,19 +10,27 @@ each run first reached the ``jem`` recipe's final validation accuracy (the mean 
 against ``jem``'s own wall time; ``table.md``, ``recipes.png`` (validation accuracy against wall
 time), ``results.jsonl`` one line per run as they finish. Runs go ``--jobs`` at a time with
 CPUs / jobs torch threads each, so compare wall times within one invocation only.
-docs/recipes.md has the figures.
+
+``--original DIR`` adds the real original script (wgrathwohl/JEM's ``train_wrn_ebm.py``, fetched
+by the user; :mod:`jemfast.compat.original_run`) on digits32 as more rows, one per seed and
+``--original-modes`` (unguarded: its own code after the swap line; guarded: with the README's
+Guard lines), scored alike from its saved replay buffer. Rows accumulate in ``results.jsonl``
+and the report covers them all, so ``--recipes ""`` with ``--original`` adds only those rows to
+an earlier run's report. docs/recipes.md has the figures.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from .compat.original_run import LINES as ORIGINAL_MODES
 from .options.cli import OneLineParser, run_cli
 from .options.config import Config, build_config
 from .options.recipes import NAMES as RECIPES
@@ -46,6 +54,12 @@ class BenchOptions:
     gen_n: int = option(1000, "--gen-n", "buffer samples scored for the digits FID/IS", lo=10, hi=1_000_000)
     out: str = option("runs/recipes", "--out", "directory of the benchmark's runs and report")
     overwrite: bool = option(False, "--overwrite", "replace the runs already in --out", action="store_true")
+    original: str = option("", "--original", "directory of wgrathwohl/JEM's code, fetched by you (train_wrn_ebm.py): "
+                           "adds it on digits32 as rows ('' : none)")
+    original_modes: tuple[str, ...] = option(("unguarded", "guarded"), "--original-modes",
+                                             "the original script's rows: as is after the swap line, with the "
+                                             "README's Guard lines, with the Guard lines of 9c5625c",
+                                             choices=tuple(ORIGINAL_MODES), metavar="M1,M2")
     report: bool = option(False, "--report", "only write table.md and recipes.png again from --out's results.jsonl",
                           action="store_true")
 
@@ -83,6 +97,37 @@ def run_one(cfg: Config, dataset: str, recipe: str, seed: int, gen_n: int) -> di
     return row
 
 
+def run_original_row(original: str, out: str, mode: str, seed: int, threads: int, gen_n: int) -> dict[str, Any]:
+    """Run the original script (:func:`jemfast.compat.original_run.run_original`) and score its
+    saved buffer as :func:`run_one` does; its row of the report (recipe ``original (MODE)``)."""
+    import torch
+
+    from .compat.original_run import run_original
+    from .data import load_digits_bundle
+    from .eval.digits_fidelity import digits_fidelity
+
+    if Path(out).exists() and any(Path(out).iterdir()):
+        raise UserError(f"{out} is not empty: pick another --out or pass --overwrite")
+    r = run_original(original, out, mode, seed, threads)
+    chance = 0.1
+    learned = (r["test_acc"] > 1.5 * chance) if r["status"] == "finished" and r["iterations"] >= 100 else None
+    row = {"dataset": "digits32", "recipe": f"original ({mode})", "seed": seed, "status": r["status"],
+           "restarts": r["restarts"], "test_acc": r["test_acc"], "valid_acc": r["valid_acc"], "learned": learned,
+           "wall_s": r["wall_s"], "curve": r["curve"], "out": out, "digits_fid": math.nan, "digits_is": math.nan}
+    ckpt = Path(r["save_dir"]) / "last_ckpt.pt"
+    if r["status"] == "finished" and ckpt.is_file():
+        fake = torch.load(ckpt, map_location="cpu", weights_only=True)["replay_buffer"][:gen_n]
+        train = load_digits_bundle(torch.device("cpu"), side=32).train.x
+        real = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:gen_n]]
+        scores = digits_fidelity(fake, real)
+        row.update(digits_fid=scores["digits_fid"], digits_is=scores["digits_is"])
+    return row
+
+
+def _run_job(kind: str, *args: Any) -> dict[str, Any]:
+    return run_one(*args) if kind == "recipe" else run_original_row(*args)
+
+
 def write_report(out: Path) -> None:
     """table.md and recipes.png again from ``out``'s results.jsonl (a row without ``learned``, from
     an older version, takes it from its run's summary.json)."""
@@ -101,7 +146,6 @@ def write_report(out: Path) -> None:
 
 
 def run_benchmark(opts: BenchOptions, base: dict[str, Any]) -> list[dict[str, Any]]:
-    from .outputs.recipe_report import plot, write_table
     from .process.pool import run_all
     from .process.threads import available_cpus
 
@@ -115,6 +159,14 @@ def run_benchmark(opts: BenchOptions, base: dict[str, Any]) -> list[dict[str, An
     plan = [(d, r, s, build_config({"data.dataset": d, "run.recipe": r, **base, "run.seed": s, "run.progress": False,
                                     "run.out": str(out / d / r / f"seed-{s}"), "run.overwrite": opts.overwrite}))
             for d in opts.datasets for s in opts.seeds for r in opts.recipes]
+    jobs = [("recipe", cfg, d, r, s, opts.gen_n) for d, r, s, cfg in plan]
+    if opts.original:
+        if opts.overwrite:
+            for mode in opts.original_modes:
+                for s in opts.seeds:
+                    shutil.rmtree(out / "digits32" / "original" / f"{mode}-seed-{s}", ignore_errors=True)
+        jobs += [("original", opts.original, str(out / "digits32" / "original" / f"{mode}-seed-{s}"), mode, s,
+                  base["run.threads"], opts.gen_n) for s in opts.seeds for mode in opts.original_modes]
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
 
@@ -122,14 +174,13 @@ def run_benchmark(opts: BenchOptions, base: dict[str, Any]) -> list[dict[str, An
         rows.append(row)
         with results.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        write_table(rows, out / "table.md")
-        plot(rows, out / "recipes.png")
-        eta = (time.perf_counter() - t0) / len(rows) * (len(plan) - len(rows))
-        log.info(f"{len(rows)}/{len(plan)} {row['dataset']} {row['recipe']} seed {row['seed']}: {row['status']}, "
+        write_report(out)  # every row in results.jsonl, an earlier invocation's too
+        eta = (time.perf_counter() - t0) / len(rows) * (len(jobs) - len(rows))
+        log.info(f"{len(rows)}/{len(jobs)} {row['dataset']} {row['recipe']} seed {row['seed']}: {row['status']}, "
                  f"test {row['test_acc']:.3f}, digits FID {row['digits_fid']:.1f} ({row['wall_s']:.0f} s; "
                  f"ETA {eta:.0f} s)")
 
-    run_all(run_one, [(cfg, d, r, s, opts.gen_n) for d, r, s, cfg in plan], opts.jobs, done)
+    run_all(_run_job, jobs, opts.jobs, done)
     return rows
 
 
@@ -141,8 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         opts = check_fields(BenchOptions(**given_values(args, BenchOptions)))
         if opts.report:
             write_report(Path(opts.out))
-        elif not opts.seeds or not opts.recipes or not opts.datasets:
-            raise UserError("--datasets, --recipes and --seeds must name at least one")
+        elif not opts.seeds or not (opts.recipes or opts.original) or not opts.datasets:
+            raise UserError("--datasets, --recipes (or --original) and --seeds must name at least one")
         else:
             run_benchmark(opts, given_values(args, Config, TRAIN))
         print((Path(opts.out) / "table.md").read_text(encoding="utf-8"))
