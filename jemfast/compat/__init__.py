@@ -35,6 +35,9 @@ write the original format (weights-only loading, validated). Conversion (:mod:`.
 ``python -m jemfast.train --resume`` continues, and a jemfast checkpoint back into the original
 format; model keys are mapped by :mod:`.keymap`. ``python -m jemfast.eval --checkpoint
 ORIGINAL.pt [model flags]`` evaluates an original checkpoint directly (:mod:`.loading`).
+
+:mod:`.original_run` runs the real original script itself (fetched by the user) on the bundled
+digits, patched with the swap line and the Guard lines: the benchmarks' comparison rows.
 """
 from .eval_script import eval_refine, eval_sample_q, get_eval_sample_q
 from .pcd import BACKEND_ENV
