@@ -3,6 +3,8 @@
 :func:`module_mode` sets a model to eval or train mode (or keeps it) for the length of a
 ``with`` block and then restores the train/eval flag of *every* submodule as it was, not just
 the top module's (a user's model may hold submodules in a mode of their own, e.g. frozen BN).
+:func:`batch_norm_statistics_frozen` keeps batch norm's running statistics (what eval mode
+normalises with) out of passes over inputs that are not training data.
 """
 from __future__ import annotations
 
@@ -29,6 +31,27 @@ def module_mode(model: nn.Module, mode: Mode = "eval") -> Iterator[nn.Module]:
     finally:
         for m, training in saved:
             m.training = training
+
+
+def batch_norms_in_training(model: nn.Module) -> list[nn.Module]:
+    """``model``'s batch-norm layers that normalise with batch statistics and update their running ones."""
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+
+
+@contextlib.contextmanager
+def batch_norm_statistics_frozen(model: nn.Module) -> Iterator[None]:
+    """Inside: batch norm in training mode still normalises with each batch's own statistics but
+    leaves its running statistics (and batch count) as they are: for SGLD chains, samples, and
+    SAM's second pass, so eval mode normalises with the statistics of training data alone."""
+    bns = batch_norms_in_training(model)
+    for m in bns:
+        m.track_running_stats = False  # training mode then passes no running buffers to F.batch_norm
+    try:
+        yield
+    finally:
+        for m in bns:
+            m.track_running_stats = True
 
 
 def eval_mode(model: nn.Module) -> contextlib.AbstractContextManager:

@@ -19,6 +19,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .modes import batch_norm_statistics_frozen
+
 
 @torch.no_grad()
 def ascent_direction(params: list[torch.Tensor], rho: float, adaptive: bool) -> list[torch.Tensor]:
@@ -32,20 +34,6 @@ def ascent_direction(params: list[torch.Tensor], rho: float, adaptive: bool) -> 
 
 
 @contextlib.contextmanager
-def _batch_norm_statistics_frozen(model: nn.Module) -> Iterator[None]:
-    """Batch-norm running statistics untouched by the second pass (it sees the same batch)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, momentum in zip(bns, saved):
-            m.momentum = momentum
-
-
-@contextlib.contextmanager
 def perturbed(model: nn.Module, rho: float, adaptive: bool) -> Iterator[None]:
     """Inside: ``model``'s weights moved to w + e (from the gradients in ``.grad`` now) and its
     batch-norm statistics frozen; on exit the weights are w again (exactly: w is restored from a
@@ -56,7 +44,7 @@ def perturbed(model: nn.Module, rho: float, adaptive: bool) -> Iterator[None]:
         e = ascent_direction(params, rho, adaptive)
         torch._foreach_add_(params, e)
     try:
-        with _batch_norm_statistics_frozen(model):
+        with batch_norm_statistics_frozen(model):
             yield
     finally:
         with torch.no_grad():

@@ -15,6 +15,7 @@ Everything :func:`train_step` returns stays on the device; nothing here syncs wi
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,7 +27,7 @@ from . import sam
 from .buffer import ReplayBuffer
 from .data import Split
 from .energy import energy_from_logits
-from .modes import autocast, eval_mode, precision_dtype
+from .modes import autocast, batch_norm_statistics_frozen, batch_norms_in_training, eval_mode, precision_dtype
 from .options.config import Config, LossConfig, OptimConfig, check_value
 from .sgld import SGLD
 
@@ -66,16 +67,26 @@ def loss_terms(model: nn.Module, x: torch.Tensor, x_fake: torch.Tensor | None, y
     ``x: Tensor[B, *shape]`` is the labelled batch with labels ``y``; ``x_px: Tensor[B', *shape]``
     the separate real batch of the p(x) term (None: ``x`` doubles as it); ``x_fake`` the p(x)
     term's samples; ``x_fake_y: Tensor[B, *shape]`` samples given ``y`` for the p(x|y) term.
-    All go through the model in one batch. Returns device scalars by name: loss, loss_ce,
+    All go through the model in one batch, except through batch norm in training mode, which
+    couples the images of a batch: then each part has a pass of its own, as the original code
+    runs them, the samples' passes leaving the running statistics to the real images
+    (:func:`jemfast.modes.batch_norm_statistics_frozen`). Returns device scalars by name: loss, loss_ce,
     loss_px, e_real, e_fake, acc (fraction of ``x`` classified correctly), loss_pxy when
     ``x_fake_y`` is given, and energy_sq (mean E(real)^2 + mean E(fake)^2, unweighted) when
     ``energy_l2`` > 0 and ``x_fake`` is given.
     """
-    parts = [t for t in (x, x_px, x_fake, x_fake_y) if t is not None]
-    inputs = parts[0] if len(parts) == 1 else torch.cat(parts)
+    parts = [(t, sampled) for t, sampled in ((x, False), (x_px, False), (x_fake, True), (x_fake_y, True))
+             if t is not None]
     with autocast(x.device, precision_dtype(precision)):
-        logits = model(inputs).float()
-    pieces = iter(logits.split([t.shape[0] for t in parts]))
+        if len(parts) > 1 and batch_norms_in_training(model):
+            outs = []
+            for t, sampled in parts:
+                with batch_norm_statistics_frozen(model) if sampled else contextlib.nullcontext():
+                    outs.append(model(t).float())
+            pieces = iter(outs)
+        else:
+            inputs = parts[0][0] if len(parts) == 1 else torch.cat([t for t, _ in parts])
+            pieces = iter(model(inputs).float().split([t.shape[0] for t, _ in parts]))
     logits_real = next(pieces)
     logits_px = next(pieces) if x_px is not None else logits_real
     loss_ce = F.cross_entropy(logits_real, y)
@@ -115,8 +126,9 @@ def jem_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_fake: torch.T
     labelled batch; ``x_fake`` SGLD samples for the p(x) term (None: no p(x) term);
     ``x_fake_y`` samples given ``y`` for the p(x|y) term; ``x_px`` a separate real batch for
     E(real) (semi-supervised; None: ``x``); ``energy_l2`` the weight of the L2 penalty on the
-    p(x) term's energies (``--energy-l2``). Everything goes through the model in one batch;
-    set its train/eval mode yourself. ``precision="bf16"`` runs the forward under autocast.
+    p(x) term's energies (``--energy-l2``). Everything goes through the model in one batch (a
+    pass per part through batch norm in training mode: :func:`loss_terms`); set its train/eval
+    mode yourself. ``precision="bf16"`` runs the forward under autocast.
     """
     px = check_value("loss.p_x_weight", p_x_weight, "p_x_weight")
     pyx = check_value("loss.p_y_given_x_weight", p_y_given_x_weight, "p_y_given_x_weight")

@@ -27,16 +27,22 @@ def test_every_call_is_done_once_in_a_pool_and_in_order_alone():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's prctl")
 def test_workers_end_when_the_process_that_started_them_is_killed(tmp_path):
     script = textwrap.dedent(f"""
-        import os, time
+        import os, signal, time
         from jemfast.process.pool import run_all
 
         def work(i):
-            open(os.path.join({str(tmp_path)!r}, f"worker-{{os.getpid()}}"), "w").close()
-            time.sleep(120)
+            # as a training run: SIGTERM asks it to stop, and it returns soon after
+            stop = []
+            signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+            open(os.path.join({str(tmp_path)!r}, f"worker-{{os.getpid()}}-{{i}}"), "w").close()
+            for _ in range(1200):
+                if stop:
+                    return {{}}
+                time.sleep(0.1)
             return {{}}
 
         if __name__ == "__main__":
-            run_all(work, [(i,) for i in range(4)], 2, print)
+            run_all(work, [(i,) for i in range(6)], 2, print)
     """)
     (tmp_path / "bench.py").write_text(script)
     parent = subprocess.Popen([sys.executable, str(tmp_path / "bench.py")], cwd=tmp_path,
@@ -45,7 +51,7 @@ def test_workers_end_when_the_process_that_started_them_is_killed(tmp_path):
     while len(list(tmp_path.glob("worker-*"))) < 2:
         assert time.time() - t0 < 120 and parent.poll() is None, "the workers did not start"
         time.sleep(0.1)
-    workers = [int(p.name.split("-")[1]) for p in tmp_path.glob("worker-*")]
+    workers = {int(p.name.split("-")[1]) for p in tmp_path.glob("worker-*")}
     parent.send_signal(signal.SIGKILL)  # no handler, no clean-up: only the kernel can tell them
     parent.wait()
     deadline = time.time() + 30
@@ -54,6 +60,7 @@ def test_workers_end_when_the_process_that_started_them_is_killed(tmp_path):
         time.sleep(0.1)
         alive = [pid for pid in workers if _running(pid)]
     assert not alive, f"workers {alive} outlived their parent"
+    assert len(list(tmp_path.glob("worker-*"))) == 2  # the calls queued behind the stopped runs never started
 
 
 def _running(pid: int) -> bool:

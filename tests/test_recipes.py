@@ -96,9 +96,12 @@ def test_the_sampler_runs_in_the_recipes_mode_and_clamps_its_chains():
 
     model = JEM(net).eval()
     before = net[1].running_mean.clone()
+    seen = []
+    net[1].register_forward_hook(lambda m, i, o: seen.append(m.training))
     x = sgld.run(model, torch.rand(8, 1, 8, 8) * 4 - 2)  # starts outside [-1, 1]
     assert x.abs().max() <= 1.0  # clamped after each step
-    assert not torch.equal(net[1].running_mean, before)  # batch norm ran on batch statistics (train mode)
+    assert seen == [True] * 10  # batch norm ran on batch statistics (train mode) at every step
+    assert torch.equal(net[1].running_mean, before)  # its running statistics stay the training data's
     assert not model.training  # and the mode was restored
 
 

@@ -1,24 +1,53 @@
 """Many runs of one function, in this process or ``jobs`` at a time in fresh ones: what the
-benchmark commands (natural_divergence, recipe_benchmark) share."""
+benchmark commands (natural_divergence, recipe_benchmark) share.
+
+A pool's workers end with the process that started them (killed, or stopped by a signal): on
+Linux the kernel sends each one SIGTERM then (a training run stops as on a scheduler's SIGTERM:
+it saves and returns), a worker whose parent is gone starts no further call, and an idle one
+exits within a second."""
 from __future__ import annotations
 
 import ctypes
 import os
 import signal
 import sys
+import threading
+import time
 from typing import Any, Callable, Sequence
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_busy = threading.Event()  # a call is running in this worker
+
+
+def _orphaned_exit() -> None:
+    os._exit(128 + signal.SIGTERM)
 
 
 def _stop_with_parent(parent: int) -> None:
-    """A pool worker's initializer: on Linux the kernel sends it SIGTERM when the benchmark's
-    process dies (killed, or stopped by a signal), so no run goes on computing for nobody; a run
-    stops on SIGTERM as on a scheduler's (it saves a checkpoint and ends)."""
+    """A pool worker's initializer: the parent-death signal, and a thread that ends an idle worker
+    whose parent is gone (it would wait for calls that never come)."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
+
+    def watch() -> None:
+        while os.getppid() == parent or _busy.is_set():
+            time.sleep(0.5)
+        _orphaned_exit()
+
+    threading.Thread(target=watch, name="jemfast-pool-parent-watch", daemon=True).start()
+
+
+def _call_while_parent_lives(parent: int, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """``fn(*args)`` in a worker, unless the benchmark's process is gone (before or after it)."""
+    if os.getppid() != parent:
+        _orphaned_exit()
+    _busy.set()
+    try:
+        return fn(*args)
+    finally:
+        _busy.clear()
+        if os.getppid() != parent:  # nobody reads the result
+            _orphaned_exit()
 
 
 def run_all(fn: Callable[..., dict[str, Any]], calls: Sequence[tuple[Any, ...]], jobs: int,
@@ -34,7 +63,8 @@ def run_all(fn: Callable[..., dict[str, Any]], calls: Sequence[tuple[Any, ...]],
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
 
+    parent = os.getpid()
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_stop_with_parent,
-                             initargs=(os.getpid(),)) as pool:
-        for future in as_completed([pool.submit(fn, *args) for args in calls]):
+                             initargs=(parent,)) as pool:
+        for future in as_completed([pool.submit(_call_while_parent_lives, parent, fn, *args) for args in calls]):
             done(future.result())

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..buffer import ReplayBuffer
 from ..energy import EnergyFunction, as_energy_model
-from ..modes import MODES, Mode, module_mode, precision_dtype
+from ..modes import MODES, Mode, batch_norm_statistics_frozen, module_mode, precision_dtype
 from ..options.config import check_value
 from .backends import ChainFn, make_chain
 from .reference import reference_chain
@@ -21,8 +21,12 @@ from .spec import ChainSpec
 @contextlib.contextmanager
 def sampling_mode(model: nn.Module, mode: Mode = "eval") -> Iterator[None]:
     """``mode`` (eval as the original code samples, train, or keep) and grad mode on; every
-    submodule's mode restored after."""
-    with module_mode(model, mode), torch.enable_grad():
+    submodule's mode restored after. In ``"train"`` batch norm normalises each chain batch with
+    its own statistics but leaves the running ones to the training data
+    (:func:`jemfast.modes.batch_norm_statistics_frozen`); ``"keep"`` touches nothing (the
+    original evaluation script's refinement updates them, and jemfast.compat keeps that)."""
+    frozen = batch_norm_statistics_frozen(model) if mode == "train" else contextlib.nullcontext()
+    with module_mode(model, mode), torch.enable_grad(), frozen:
         yield
 
 
@@ -36,7 +40,8 @@ class SGLD:
     counted by ``auto`` (without it nothing's mode is touched).
 
     ``mode``: the train/eval mode the model samples in: ``"eval"`` (default, as the original
-    JEM code), ``"train"`` (e.g. BatchNorm on batch statistics, as JEM++ samples) or ``"keep"``;
+    JEM code), ``"train"`` (e.g. BatchNorm on batch statistics, as JEM++ samples; its running statistics
+    stay the training data's) or ``"keep"``;
     every submodule's mode is restored afterwards. ``grad_clip``: clamp dE/dx elementwise to
     [-grad_clip, grad_clip] before each step (None: no clipping). ``step_size`` 0 makes the
     chain noise alone (the energy is not evaluated).
