@@ -205,6 +205,30 @@ def test_compile_leaves_grads_mode_and_input_alone(compiled):
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_compile_samples_train_mode_batch_norm_and_leaves_its_statistics(compiled, caplog):
+    """Train-mode chains normalise with batch statistics and leave the running ones alone, so the
+    compiled step can trace them (it falls back to the reference loop only where a BN would
+    update its statistics)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 36, 10))
+    model, x = JEM(net), _x()
+    with torch.no_grad():
+        net[1].running_mean.fill_(0.5)
+    before = copy.deepcopy(net[1].state_dict())
+    spec = ChainSpec(5, ALPHA, 0.0, False)
+    with sampling_mode(model, "train"):
+        ref = reference_chain(model, x, None, spec)
+        with caplog.at_level("INFO", logger="jemfast.sgld.compiled"):
+            out = compiled(model, x, None, spec)
+    assert "reference loop" not in caplog.text
+    torch.testing.assert_close(out, ref, rtol=0, atol=ATOL)
+    with sampling_mode(model, "eval"):  # the running statistics normalise here: a different chain
+        assert not torch.allclose(reference_chain(model, x, None, spec), ref, atol=1e-3)
+    for k, v in net[1].state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 # ---- fused (Triton interpreter on the CPU) ---------------------------------------------
 @pytest.mark.parametrize("clamp", [False, True])
 def test_fused_matches_reference_without_noise(clamp):
