@@ -60,6 +60,8 @@ class BenchOptions:
                                              "the original script's rows: as is after the swap line, with the "
                                              "README's Guard lines, with the Guard lines of 9c5625c",
                                              choices=tuple(ORIGINAL_MODES), metavar="M1,M2")
+    original_seeds: tuple[int, ...] = option((), "--original-seeds", "seeds of the original script's rows (none "
+                                             "given: --seeds)", lo=0, hi=2**32 - 1, metavar="S1,S2,...")
     report: bool = option(False, "--report", "only write table.md and recipes.png again from --out's results.jsonl",
                           action="store_true")
 
@@ -161,12 +163,14 @@ def run_benchmark(opts: BenchOptions, base: dict[str, Any]) -> list[dict[str, An
             for d in opts.datasets for s in opts.seeds for r in opts.recipes]
     jobs = [("recipe", cfg, d, r, s, opts.gen_n) for d, r, s, cfg in plan]
     if opts.original:
+        seeds = opts.original_seeds or opts.seeds
         if opts.overwrite:
             for mode in opts.original_modes:
-                for s in opts.seeds:
+                for s in seeds:
                     shutil.rmtree(out / "digits32" / "original" / f"{mode}-seed-{s}", ignore_errors=True)
-        jobs += [("original", opts.original, str(out / "digits32" / "original" / f"{mode}-seed-{s}"), mode, s,
-                  base["run.threads"], opts.gen_n) for s in opts.seeds for mode in opts.original_modes]
+        # first: the longest runs, so the pool's last minutes are not one run alone
+        jobs = [("original", opts.original, str(out / "digits32" / "original" / f"{mode}-seed-{s}"), mode, s,
+                 base["run.threads"], opts.gen_n) for s in seeds for mode in opts.original_modes] + jobs
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
 

@@ -106,8 +106,8 @@ def test_the_benchmark_adds_original_rows_to_an_earlier_report(original, tmp_pat
     table = (out / "table.md").read_text()
     assert "| original (unguarded) | 1 | 1 | 1 |" in table and "| jem | 1 | 1 | 1 |" in table
     assert mine["curve"][1][1] == 0.5 and f"| 1/1 | {mine['curve'][1][0]:.0f} |" in table  # jem's 50 %: epoch 1
-    assert main(["--recipes", "", "--original", str(original), "--original-modes", "unguarded", "--seeds", "1",
-                 "--out", str(out)]) == 2  # its directory is taken: nothing overwritten
+    assert main(["--recipes", "", "--original", str(original), "--original-modes", "unguarded", "--seeds", "5",
+                 "--original-seeds", "1", "--out", str(out)]) == 2  # seed 1's directory is taken: nothing overwritten
     assert "not empty" in capsys.readouterr().err
     assert torch.load(out / "digits32" / "original" / "unguarded-seed-1" / "save" / "last_ckpt.pt",
                       weights_only=True)["replay_buffer"].shape == (200, 3, 32, 32)
