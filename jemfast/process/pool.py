@@ -23,6 +23,19 @@ def _orphaned_exit() -> None:
     os._exit(128 + signal.SIGTERM)
 
 
+def _parent_gone(parent: int) -> bool:
+    """Whether the benchmark's process is dead or dying. While a killed process's threads wind
+    down, its children belong to one of them: getppid() still names it (and the parent-death
+    signal has already come), but its main thread is a zombie in /proc."""
+    if os.getppid() != parent:
+        return True
+    try:
+        with open(f"/proc/{parent}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return False  # no /proc: getppid() alone
+
+
 def _stop_with_parent(parent: int) -> None:
     """A pool worker's initializer: the parent-death signal, and a thread that ends an idle worker
     whose parent is gone (it would wait for calls that never come)."""
@@ -30,7 +43,7 @@ def _stop_with_parent(parent: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
     def watch() -> None:
-        while os.getppid() == parent or _busy.is_set():
+        while _busy.is_set() or not _parent_gone(parent):
             time.sleep(0.5)
         _orphaned_exit()
 
@@ -39,14 +52,14 @@ def _stop_with_parent(parent: int) -> None:
 
 def _call_while_parent_lives(parent: int, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
     """``fn(*args)`` in a worker, unless the benchmark's process is gone (before or after it)."""
-    if os.getppid() != parent:
+    if _parent_gone(parent):
         _orphaned_exit()
     _busy.set()
     try:
         return fn(*args)
     finally:
         _busy.clear()
-        if os.getppid() != parent:  # nobody reads the result
+        if _parent_gone(parent):  # nobody reads the result
             _orphaned_exit()
 
 
