@@ -18,7 +18,7 @@ from jemfast.recipe_benchmark import main
 # The original's lines the harness anchors to, in a script that prints what train_wrn_ebm.py
 # prints (its formats: "P(y|x) {epoch}:{i} loss=..., acc=...", "Epoch {e}: Valid Loss {l}, Valid Acc {a}")
 STAND_IN = textwrap.dedent('''
-    import argparse, os
+    import argparse, os, time
     import torch as t
     import torchvision as tv
     seed = 1
@@ -39,6 +39,7 @@ STAND_IN = textwrap.dedent('''
             print(f"P(y|x) {epoch}:{40 * epoch + 20} loss=   2.0, acc=   0.5")
             print(f"Epoch {epoch}: Valid Loss 1.0, Valid Acc {min(0.9, 0.3 + 0.2 * epoch)}")
             print(f"Epoch {epoch}: Test Loss 1.0, Test Acc {min(0.85, 0.25 + 0.2 * epoch)}")
+            time.sleep(0.3 if args.n_epochs < 5 else 0)
         t.manual_seed(seed)
         os.makedirs(args.save_dir, exist_ok=True)
         t.save({"model_state_dict": {}, "replay_buffer": t.rand(200, 3, 32, 32) * 2 - 1},
@@ -76,14 +77,16 @@ def test_the_patch_needs_each_anchor_once_and_sets_the_seed():
     assert set(LINES) == {"unguarded", "guarded-before", "guarded"}
 
 
-def test_run_original_writes_cifar_format_digits_and_reads_the_log(original, tmp_path):
+def test_run_original_writes_cifar_format_digits_and_reads_the_log(original, tmp_path, monkeypatch):
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # a user's shell: pipes are block-buffered
     row = run_original(original, tmp_path / "run", "unguarded", seed=5, threads=1, extra=["--n_epochs", "2"])
     log = (tmp_path / "run" / "log.txt").read_text()
     assert "sampler SampleQ" in log  # the swap line: jemfast.compat's sampler
     assert "sizes 1437 360 (32, 32) seed 5" in log  # jemfast's train+valid / test split, through torchvision
     assert (row["exit"], row["status"], row["iterations"], row["restarts"]) == (0, "finished", 60, 0)
     assert [a for _, a in row["curve"]] == [0.3, 0.5] and row["test_acc"] == pytest.approx(0.45)
-    assert row["curve"][0][0] <= row["curve"][1][0] <= row["wall_s"]
+    # timed as printed (not when a buffered pipe is flushed at exit): the epochs are 0.3 s apart
+    assert row["curve"][1][0] - row["curve"][0][0] >= 0.25 and row["curve"][1][0] <= row["wall_s"]
     with pytest.raises(UserError, match="no train_wrn_ebm.py"):
         run_original(tmp_path, tmp_path / "other")
 

@@ -132,6 +132,7 @@ def run_original(original: str | Path, out: str | Path, mode: str = "guarded", s
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         ([jemfast_dir] if jemfast_dir else []) + [str(Path(__file__).resolve().parents[2]),
                                                    os.environ.get("PYTHONPATH", "")])}
+    env["PYTHONUNBUFFERED"] = "1"  # each line as it is printed: the epochs are timed on arrival
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     row: dict[str, Any] = {"restarts": 0, "iterations": 0, "valid_acc": math.nan, "test_acc": math.nan,
