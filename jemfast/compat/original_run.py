@@ -138,7 +138,7 @@ def run_original(original: str | Path, out: str | Path, mode: str = "guarded", s
     row: dict[str, Any] = {"restarts": 0, "iterations": 0, "valid_acc": math.nan, "test_acc": math.nan,
                            "curve": [], "save_dir": str(out / "save"), "log": str(out / "log.txt")}
     t0 = time.perf_counter()
-    with open(out / "log.txt", "w") as log:
+    with open(out / "log.txt", "w", buffering=1) as log:  # line-buffered: readable while it runs
         proc = subprocess.Popen(cmd, cwd=script, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace")
         for line in proc.stdout:  # tqdm's \r updates arrive inside lines: search, not match
