@@ -107,12 +107,12 @@ def run_original_row(original: str, out: str, mode: str, seed: int, threads: int
     from .compat.original_run import run_original
     from .data import load_digits_bundle
     from .eval.digits_fidelity import digits_fidelity
+    from .outputs.summary import learned as run_learned
 
     if Path(out).exists() and any(Path(out).iterdir()):
         raise UserError(f"{out} is not empty: pick another --out or pass --overwrite")
     r = run_original(original, out, mode, seed, threads)
-    chance = 0.1
-    learned = (r["test_acc"] > 1.5 * chance) if r["status"] == "finished" and r["iterations"] >= 100 else None
+    learned = run_learned(r["test_acc"], 10, r["iterations"]) if r["status"] == "finished" else None
     row = {"dataset": "digits32", "recipe": f"original ({mode})", "seed": seed, "status": r["status"],
            "restarts": r["restarts"], "test_acc": r["test_acc"], "valid_acc": r["valid_acc"], "learned": learned,
            "wall_s": r["wall_s"], "curve": r["curve"], "out": out, "digits_fid": math.nan, "digits_is": math.nan}
