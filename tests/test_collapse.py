@@ -121,3 +121,53 @@ def test_chains_lagging_looks_at_every_interval_since_the_onset():
     assert not mon.chains_lagging(20)  # after iteration 20 the gap was positive only
     mon.series = [IntervalStats(10, -0.02, 0.4), IntervalStats(20, 1.5, 6.4), IntervalStats(30, 23.9, 791.0)]
     assert not mon.chains_lagging(10)
+
+
+def test_never_learned_reads_the_whole_run_and_needs_accuracy():
+    from jemfast.stability.collapse import never_learned
+    at_chance = [IntervalStats(step, gap, 5.0, acc) for step, gap, acc in BATCH_NORM]
+    assert never_learned(at_chance, 10)  # 10.9-17.2 %: at most 2x chance throughout
+    learned_once = at_chance[:2] + [IntervalStats(30, -4.0, 5.0, 0.45)] + at_chance[3:]
+    assert not never_learned(learned_once, 10)  # left chance once, even if it fell back
+    assert not never_learned(at_chance, None) and not never_learned([], 10)
+    assert not never_learned([IntervalStats(10, 0.1, 1.0)], 10)  # accuracy not logged: no judgement
+
+
+def _restart_with(series_rows):
+    """restart() over good states at 10..80 and a monitor holding ``series_rows``; returns the
+    limit it asked roll_back for and the event."""
+    from jemfast.options.config import StabilityConfig
+    from jemfast.stability.monitor import DivergenceMonitor
+    from jemfast.stability.recovery import restart
+
+    mon = DivergenceMonitor(StabilityConfig(), torch.device("cpu"), n_classes=10)
+    mon.series = [IntervalStats(*row) for row in series_rows]
+    rec = RecoveryState(memory_ring=10)
+    for step in range(10, 81, 10):
+        rec.checkpointed(state(step), None, step)
+    asked = []
+
+    def roll_back(limit, action):
+        asked.append(limit)
+        return choose_target(rec.memory, [], limit, lambda p: None, (OSError,))[0]
+
+    event = restart(rec, 1, 130, "test", mon, roll_back, lambda seed: None, None, 20, 1.0, lambda: None)
+    return asked[0], event
+
+
+# Measured on the jem recipe on digits32 (seed 1): a blow-up at iteration 30 that no test flagged
+# (too early for the relative tests), then a steady runaway detected at 130 with its onset at 80;
+# rolled back to 78 the run stayed at chance for 340 more iterations (29 % test).
+JEM_DIGITS32 = [(10, 0.03, 0.4, 0.109), (20, -2.7, 8.1, 0.109), (30, 3.2, 342.0, 0.103), (40, 19.0, 198.0, 0.125),
+                (50, -4.0, 67.0, 0.122), (60, 0.6, 36.0, 0.116), (70, -1.3, 17.9, 0.106), (80, 1.0, 24.6, 0.166),
+                (90, -1.5, 21.5, 0.156), (100, -1.1, 18.6, 0.131), (110, -1.6, 17.7, 0.141), (120, -3.5, 29.9, 0.112),
+                (130, -8.0, 30.0, 0.11)]
+
+
+def test_a_run_at_chance_since_the_start_rolls_back_to_the_earliest_state():
+    limit, event = _restart_with(JEM_DIGITS32)
+    assert limit == 0 and event["rolled_back_to"] == 10 and event["never_learned"]
+    learned = [row[:3] + (0.6,) if row[0] == 60 else row for row in JEM_DIGITS32]
+    limit, event = _restart_with(learned)  # it learned once: back to the onset, as before
+    assert limit == event["onset"] and limit > 10 and event["rolled_back_to"] == limit
+    assert not event["never_learned"]

@@ -90,6 +90,13 @@ def gap_running_away(series: list[IntervalStats], n_classes: int | None) -> bool
     return same_sign and growing and at_chance
 
 
+def never_learned(series: list[IntervalStats], n_classes: int | None) -> bool:
+    """True when train accuracy (logged, ``n_classes`` known) stayed at most :data:`RUNAWAY_ACC` x
+    chance in every interval of ``series`` (the whole run so far): the classifier never left chance."""
+    accs = [s.acc for s in series if math.isfinite(s.acc)]
+    return bool(n_classes) and bool(accs) and max(accs) <= RUNAWAY_ACC / n_classes
+
+
 def onset(series: list[IntervalStats]) -> int:
     """The iteration the collapse detected in the last interval of ``series`` began at: the end
     of the last interval before the run of abnormal intervals that leads up to the detection (the

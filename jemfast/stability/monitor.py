@@ -32,7 +32,7 @@ import torch
 from ..options.config import StabilityConfig
 from ..process.log import get_logger
 from .collapse import (DRIFT_FLOOR, SUDDEN_GROWTH, IntervalStats, accuracy_collapsed, gap_drifting, gap_running_away,
-                       onset as collapse_onset)
+                       never_learned, onset as collapse_onset)
 
 log = get_logger(__name__)
 
@@ -217,6 +217,11 @@ class DivergenceMonitor:
         if self.series and began < self.series[0].step:
             return max((s for s in self._states if s < self.series[0].step), default=0)
         return began
+
+    def never_learned(self) -> bool:
+        """True when the classifier has been at chance since the start of the run
+        (:func:`jemfast.stability.collapse.never_learned` over :attr:`series`, which a rollback rewinds)."""
+        return never_learned(self.series, self.n_classes)
 
     def gradual(self, onset: int) -> bool:
         """True when the divergence dated to ``onset`` built up over more than the last interval

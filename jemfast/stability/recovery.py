@@ -27,7 +27,10 @@ seed, as the JEM paper does by hand. What else it changes depends on how the div
   SGLD steps; k = 3 re-initialises the replay buffer.
 
 A divergence that recurs before any later check passed rolls back further than the state it
-returned to last time (that state led here again).
+returned to last time (that state led here again). When train accuracy has stayed at chance
+since the start (:meth:`DivergenceMonitor.never_learned`), the rollback goes to the earliest good
+state kept instead, whatever the onset: nothing learned is lost, and an early blow-up the tests
+did not flag can leave the weights and the optimizer's moments unable to learn.
 
 After ``max_restarts`` restarts a further divergence stops the run (exit code 3) with the last
 good checkpoint intact.
@@ -292,7 +295,7 @@ def choose_target(memory: list[GoodState], ring: list[Path], limit: int, read: C
     candidates += [(state_step(p), 0, None, p) for p in ring]
     candidates.sort(key=lambda c: (c[0], c[1]), reverse=True)  # newest first; memory before disk
     eligible = [c for c in candidates if c[0] <= limit]
-    if not eligible:
+    if not eligible and limit > 0:  # limit 0: the earliest state kept is what was asked for
         log.warning(f"no good state is kept from before iteration {limit}, where the divergence began; "
                     f"rolling back to the oldest one kept")
     # then, should none of them be usable, the later ones, oldest first
@@ -331,7 +334,11 @@ def restart(rec: RecoveryState, base_seed: int, diverged_at: int, cause: str, mo
     action = rec.next_action(base_seed, monitor.gradual(onset), lagging, inform is not None,
                              remedies(lagging) if remedies is not None else [], can_rewarm)
     rec.apply(action)
-    rolled_back_to = roll_back(rec.target_limit(onset), action)
+    # A classifier at chance since the start has nothing to lose by going back to the start, and
+    # the iterations before the onset may have damaged it (measured: the jem recipe on digits32
+    # blew up at iteration 30, unflagged, and rolled back to 78 it stayed at chance for 300 more).
+    fresh = monitor.never_learned()
+    rolled_back_to = roll_back(0 if fresh else rec.target_limit(onset), action)
     rec.memory = [g for g in rec.memory if g.step <= rolled_back_to]  # the rest is an abandoned future
     rec.last_target = rolled_back_to
     if action.rewarm:
@@ -343,9 +350,10 @@ def restart(rec: RecoveryState, base_seed: int, diverged_at: int, cause: str, mo
     if action.reset_buffer:
         reset_buffer()
     event = {"event": "restart", "restart": action.restart, "step": diverged_at, "onset": onset,
-             "rolled_back_to": rolled_back_to, "cause": cause, "action": action.describe(),
+             "rolled_back_to": rolled_back_to, "never_learned": fresh, "cause": cause, "action": action.describe(),
              "overrides": action.overrides}
     rec.restarts.append(event)
+    where = f"{rolled_back_to} (the earliest kept: the classifier never left chance)" if fresh else rolled_back_to
     log.warning(f"divergence at iteration {diverged_at} ({cause}; it began after iteration {onset}); "
-                f"restart {action.restart}: rolled back to iteration {rolled_back_to}, {action.describe()}")
+                f"restart {action.restart}: rolled back to iteration {where}, {action.describe()}")
     return event
