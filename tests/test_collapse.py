@@ -171,3 +171,13 @@ def test_a_run_at_chance_since_the_start_rolls_back_to_the_earliest_state():
     limit, event = _restart_with(learned)  # it learned once: back to the onset, as before
     assert limit == event["onset"] and limit > 10 and event["rolled_back_to"] == limit
     assert not event["never_learned"]
+
+
+def test_never_learned_pools_a_one_batch_interval_with_its_neighbour():
+    from jemfast.stability.collapse import never_learned
+    # the epoch-end check at 39 leaves a 1-iteration interval at 40: one lucky batch (25 %)
+    rows = [IntervalStats(10, 0.1, 1.0, 0.10), IntervalStats(20, 0.1, 1.0, 0.09), IntervalStats(30, 0.1, 1.0, 0.11),
+            IntervalStats(39, 0.1, 1.0, 0.12), IntervalStats(40, 0.1, 1.0, 0.25), IntervalStats(50, 0.1, 1.0, 0.15)]
+    assert never_learned(rows, 10)  # pooled with the 9 iterations before: (9 x 12 % + 25 %) / 10 = 13 %
+    rows[-1] = IntervalStats(50, 0.1, 1.0, 0.30)
+    assert not never_learned(rows, 10)  # ten iterations at 30 % is learning
