@@ -34,9 +34,9 @@ def module_mode(model: nn.Module, mode: Mode = "eval") -> Iterator[nn.Module]:
 
 
 def batch_norms_in_training(model: nn.Module) -> list[nn.Module]:
-    """``model``'s batch-norm layers that normalise with batch statistics and update their running ones."""
-    return [m for m in model.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    """``model``'s batch-norm layers that normalise with batch statistics (training mode), whether
+    or not they update their running ones now (inside :func:`batch_norm_statistics_frozen` they do not)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
 
 
 @contextlib.contextmanager
@@ -44,7 +44,7 @@ def batch_norm_statistics_frozen(model: nn.Module) -> Iterator[None]:
     """Inside: batch norm in training mode still normalises with each batch's own statistics but
     leaves its running statistics (and batch count) as they are: for SGLD chains, samples, and
     SAM's second pass, so eval mode normalises with the statistics of training data alone."""
-    bns = batch_norms_in_training(model)
+    bns = [m for m in batch_norms_in_training(model) if m.track_running_stats]  # nested: the outer one restores
     for m in bns:
         m.track_running_stats = False  # training mode then passes no running buffers to F.batch_norm
     try:

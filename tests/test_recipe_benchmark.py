@@ -47,7 +47,13 @@ def test_a_jem_run_at_chance_sets_no_target_and_report_rebuilds_the_table(tmp_pa
     table = (tmp_path / "table.md").read_text()
     assert "final validation accuracy, 80.0 %" in table and "wall time 400 s" in table  # seed 1 at chance: out
     assert "| jem | 2 | 2 | 1 |" in table and "| jem | 1 | finished (at chance: did not learn) |" in table
-    assert "| mjem | 1 | 1 | 1 | 0 | 85.0 |" in table and "| 1/1 | 120 | 0.30 |" in table  # 120 s / 400 s
+    assert "| mjem | 1 | 1 | 1 | 0 | 85.0 |" in table and "| 1/1 | 120 | 0.30 | yes |" in table  # 120 s / 400 s
+    assert "Met by: `mjem`." in table and "| mjem | 1 | finished | 0 | 85.0 | 20.0 | 150 | 120 |" in table
+    rows[2]["digits_fid"] = 20.5  # worse samples than jem's: the speed alone does not meet the bar
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main(["--report", "--out", str(tmp_path)])
+    table = (tmp_path / "table.md").read_text()
+    assert "| 1/1 | 120 | 0.30 | no |" in table and "Met by: none." in table
     assert (tmp_path / "recipes.png").is_file() and "digits FID" in capsys.readouterr().out
     rows[1]["learned"] = False
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -130,6 +130,29 @@ def test_sam_leaves_batch_norm_statistics_to_the_first_pass(tmp_path):
     assert bn.momentum == 0.1  # restored
 
 
+def test_sams_second_pass_keeps_real_and_sampled_images_in_separate_batches():
+    # SAM's second pass runs inside batch_norm_statistics_frozen; it must still give batch norm
+    # one batch per part (measured: in one mixed batch, sadajem on digits32 trained to 40 % train
+    # accuracy at 10 % validation, the network fitted to statistics eval mode never sees)
+    from jemfast.energy import energy_from_logits
+    from jemfast.modes import batch_norm_statistics_frozen
+    from jemfast.step import loss_terms
+
+    torch.manual_seed(0)
+    model = JEM(nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.BatchNorm1d(10))).train()
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    x_fake = 4.0 + 3.0 * torch.randn(8, 1, 8, 8)  # far from the real batch: mixing would show
+    bn = model.classifier[2]
+    with batch_norm_statistics_frozen(model):
+        expected = energy_from_logits(model(x)).mean()  # the real batch alone, batch statistics
+        frozen_stats = (bn.running_mean.clone(), bn.running_var.clone())
+        got = loss_terms(model, x, x_fake, y, 1.0, 1.0, "fp32")
+        assert bn.track_running_stats is False  # the nested freeze left the outer one in force
+    assert torch.allclose(got["e_real"], expected, atol=1e-6)
+    assert torch.equal(bn.running_mean, frozen_stats[0]) and torch.equal(bn.running_var, frozen_stats[1])
+    assert bn.track_running_stats is True
+
+
 def tiny_cifar_config(tmp_path, out, **overrides):
     """A CIFAR-10-format tree written by the test (flips and crops on), a small CNN, one torch
     thread: with two, the CPU's 3x32x32 convolutions reduce in an order that depends on the load
