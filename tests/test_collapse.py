@@ -171,6 +171,9 @@ def test_a_run_at_chance_since_the_start_rolls_back_to_the_earliest_state():
     limit, event = _restart_with(learned)  # it learned once: back to the onset, as before
     assert limit == event["onset"] and limit > 10 and event["rolled_back_to"] == limit
     assert not event["never_learned"]
+    sudden = JEM_DIGITS32[:7] + [(80, 1e4, 24.6, 0.166)]  # a blow-up within one interval, at chance
+    limit, event = _restart_with(sudden)  # caught at once: back to the check before it
+    assert limit == event["onset"] == event["rolled_back_to"] > 10 and not event["never_learned"]
 
 
 def test_never_learned_pools_a_one_batch_interval_with_its_neighbour():

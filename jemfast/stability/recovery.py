@@ -27,10 +27,11 @@ seed, as the JEM paper does by hand. What else it changes depends on how the div
   SGLD steps; k = 3 re-initialises the replay buffer.
 
 A divergence that recurs before any later check passed rolls back further than the state it
-returned to last time (that state led here again). When train accuracy has stayed at chance
-since the start (:meth:`DivergenceMonitor.never_learned`), the rollback goes to the earliest good
-state kept instead, whatever the onset: nothing learned is lost, and an early blow-up the tests
-did not flag can leave the weights and the optimizer's moments unable to learn.
+returned to last time (that state led here again). A gradual divergence of a run whose train
+accuracy has stayed at chance since the start (:meth:`DivergenceMonitor.never_learned`) rolls
+back to the earliest good state kept instead, whatever the onset: nothing learned is lost, and
+an early blow-up the tests did not flag can leave the weights and the optimizer's moments
+unable to learn.
 
 After ``max_restarts`` restarts a further divergence stops the run (exit code 3) with the last
 good checkpoint intact.
@@ -330,14 +331,15 @@ def restart(rec: RecoveryState, base_seed: int, diverged_at: int, cause: str, mo
     warm-up again from ``rec.warmup_from`` when the action says so. Logs one warning line.
     """
     onset = monitor.onset()
-    lagging = monitor.chains_lagging(onset)
-    action = rec.next_action(base_seed, monitor.gradual(onset), lagging, inform is not None,
+    lagging, gradual = monitor.chains_lagging(onset), monitor.gradual(onset)
+    action = rec.next_action(base_seed, gradual, lagging, inform is not None,
                              remedies(lagging) if remedies is not None else [], can_rewarm)
     rec.apply(action)
     # A classifier at chance since the start has nothing to lose by going back to the start, and
-    # the iterations before the onset may have damaged it (measured: the jem recipe on digits32
-    # blew up at iteration 30, unflagged, and rolled back to 78 it stayed at chance for 300 more).
-    fresh = monitor.never_learned()
+    # before a gradual collapse's onset it may have been damaged unflagged (measured: the jem recipe
+    # on digits32 blew up at iteration 30, and rolled back to 78 it stayed at chance for 300 more).
+    # A sudden blow-up is caught at once: its onset is the check before it, nothing was missed.
+    fresh = gradual and monitor.never_learned()
     rolled_back_to = roll_back(0 if fresh else rec.target_limit(onset), action)
     rec.memory = [g for g in rec.memory if g.step <= rolled_back_to]  # the rest is an abandoned future
     rec.last_target = rolled_back_to
