@@ -39,12 +39,17 @@ def batch_norms_in_training(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
 
 
+def batch_norms_updating_statistics(model: nn.Module) -> list[nn.Module]:
+    """Those of :func:`batch_norms_in_training` that also update their running statistics now."""
+    return [m for m in batch_norms_in_training(model) if m.track_running_stats]
+
+
 @contextlib.contextmanager
 def batch_norm_statistics_frozen(model: nn.Module) -> Iterator[None]:
     """Inside: batch norm in training mode still normalises with each batch's own statistics but
     leaves its running statistics (and batch count) as they are: for SGLD chains, samples, and
     SAM's second pass, so eval mode normalises with the statistics of training data alone."""
-    bns = [m for m in batch_norms_in_training(model) if m.track_running_stats]  # nested: the outer one restores
+    bns = batch_norms_updating_statistics(model)  # nested: none left to freeze, the outer one restores
     for m in bns:
         m.track_running_stats = False  # training mode then passes no running buffers to F.batch_norm
     try:

@@ -11,6 +11,7 @@ import time
 import torch
 from torch import nn
 
+from ..modes import batch_norms_updating_statistics
 from ..process.interrupt import raise_if_stopped
 from ..process.log import get_logger, log_once
 from .reference import EnergyOf, energy_of, sgld_chain, torch_update
@@ -46,8 +47,7 @@ def sgld_step(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor
 def updates_running_stats(model: nn.Module) -> bool:
     """Whether a forward of ``model`` writes buffers in place: a BatchNorm in train mode that
     tracks running statistics (e.g. sampling with ``SGLD(mode="train")``)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
-               for m in model.modules())
+    return bool(batch_norms_updating_statistics(model))
 
 
 class CompiledChain:
