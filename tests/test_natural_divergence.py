@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +50,40 @@ def test_one_seed_diverges_by_itself_and_the_defaults_roll_back_before_the_onset
     for name in ("table.md", "natural_divergence.png", "digits32/seed-1-defaults/curves.png",
                  "digits32/seed-1-off/curves.png"):
         assert (out / name).stat().st_size > 200, name
+
+
+def _row(seed, mode, acc, status="finished"):
+    return {"setting": "s", "seed": seed, "mode": mode, "status": status, "test_acc": acc, "restarts": 0,
+            "exit": 0, "diverged": False, "detected_at": None, "stopped_at": None, "cause": "", "remedies": {},
+            "wall_s": 1.0}
+
+
+def test_the_report_says_whether_a_shortfall_is_the_jems_own_or_the_recoverys(tmp_path):
+    from jemfast.outputs.divergence_matrix import summary_lines, why_short, write_table
+
+    def runs(*rows):
+        return {(r["seed"], r["mode"]): r for r in rows}
+
+    clf = [_row(1, "clf-only", 0.92), _row(2, "clf-only", 0.90)]
+    within = runs(*clf, _row(1, "defaults", 0.90), _row(2, "defaults", 0.86))  # -2 and -4 points
+    assert why_short(within) == "—"
+    short = [_row(1, "defaults", 0.75), _row(2, "defaults", 0.88)]  # seed 1 short by 17 points
+    assert why_short(runs(*clf, *short)).startswith("not measured")
+    own = why_short(runs(*clf, *short, _row(1, "reference", 0.77), _row(2, "reference", 0.60)))
+    assert own.startswith("the JEM itself") and "1/1 seeds" in own and "-15.0 to -15.0" in own, own
+    assert why_short(runs(*clf, *short, _row(1, "reference", 0.89))).startswith("the recovery")
+    stopped = why_short(runs(*clf, _row(1, "defaults", 0.0, "diverged"), _row(1, "reference", 0.5, "diverged")))
+    assert stopped.startswith("the JEM itself") and "-92.0" in stopped  # a stopped run counts as 0
+    rows = [*clf, *short, _row(1, "reference", 0.77)]
+    assert summary_lines(rows)[2].endswith("| the JEM itself: stable from the start it is short too "
+                                           "(1/1 seeds, -15.0 to -15.0 points) |")
+    write_table(rows, tmp_path / "table.md")
+    assert "| 1 | reference | stable |  |  | 77.0 % | -15.0 |" in (tmp_path / "table.md").read_text()
+
+
+def test_the_reference_of_an_augmented_setting_keeps_augmentation_out_of_px():
+    from jemfast.natural_divergence import reference_overrides, run_config
+
+    cfg = run_config({}, "cifar-path", 3, "reference", Path("unused"), False)
+    assert (cfg.sampler.init_dist, cfg.loss.px_augment, cfg.data.augment) == ("informative", False, True)
+    assert reference_overrides("digits32") == {"sampler.init_dist": "informative"}
