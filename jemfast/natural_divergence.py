@@ -16,7 +16,8 @@ No fault is injected. Each setting runs for several seeds, each seed in up to fo
 
 Every run is an ordinary ``jemfast.train`` run directory ``OUT/SETTING/seed-S-MODE``
 (metrics.jsonl, curves.png, checkpoints). ``OUT/results.jsonl`` gets one line per finished run
-as they come; ``OUT/table.md`` and ``OUT/natural_divergence.png`` are rewritten after each.
+as they come; ``OUT/table.md`` and ``OUT/natural_divergence.png`` are rewritten after each, from
+every row in results.jsonl (earlier invocations into the same OUT too: seeds accumulate).
 ``--jobs N`` runs N at a time, each with CPUs / N torch threads. Training flags (``--epochs``,
 ``--lr``, ...) change the base of every run. docs/stability.md has the results.
 """
@@ -134,6 +135,24 @@ def run_one(cfg: Config, setting: str, seed: int, mode: str) -> dict[str, Any]:
                else {"digits_fid": math.nan, "digits_is": math.nan})}
 
 
+def run_key(row: dict[str, Any]) -> tuple[str, int, str]:
+    return row["setting"], row["seed"], row["mode"]
+
+
+def earlier_rows(results: Path) -> list[dict[str, Any]]:
+    """The rows already in ``results`` (results.jsonl), a rerun's row in place of its first."""
+    if not results.exists():
+        return []
+    rows = {}
+    for n, line in enumerate(results.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            row = json.loads(line)
+            rows[run_key(row)] = row
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{results}:{n} is not a result row ({e}); move it away or pass --overwrite") from None
+    return list(rows.values())
+
+
 def run_benchmark(opts: BenchOptions, base: dict[str, Any]) -> list[dict[str, Any]]:
     from .process.pool import run_all
     from .process.threads import available_cpus
@@ -151,13 +170,16 @@ def run_benchmark(opts: BenchOptions, base: dict[str, Any]) -> list[dict[str, An
             for setting in opts.settings for seed in opts.seeds for mode in opts.modes]
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
+    # the report covers every run in OUT: earlier invocations' (more seeds, other settings) too
+    earlier = {run_key(r): r for r in earlier_rows(results)}
 
     def done(row: dict[str, Any]) -> None:
         rows.append(row)
+        earlier[run_key(row)] = row
         with results.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        write_table(rows, out / "table.md")
-        plot(rows, out / "natural_divergence.png")
+        write_table(list(earlier.values()), out / "table.md")
+        plot(list(earlier.values()), out / "natural_divergence.png")
         left = len(plan) - len(rows)
         eta = (time.perf_counter() - t0) / len(rows) * left
         log.info(f"{len(rows)}/{len(plan)} {row['setting']} seed {row['seed']} {row['mode']}: {outcome(row)}"

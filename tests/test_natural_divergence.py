@@ -87,3 +87,17 @@ def test_the_reference_of_an_augmented_setting_keeps_augmentation_out_of_px():
     cfg = run_config({}, "cifar-path", 3, "reference", Path("unused"), False)
     assert (cfg.sampler.init_dist, cfg.loss.px_augment, cfg.data.augment) == ("informative", False, True)
     assert reference_overrides("digits32") == {"sampler.init_dist": "informative"}
+
+
+def test_the_report_keeps_earlier_invocations_rows_and_a_reruns_row_replaces_its_first(tmp_path):
+    from jemfast.natural_divergence import earlier_rows
+    from jemfast.process.errors import UserError
+
+    results = tmp_path / "results.jsonl"
+    assert earlier_rows(results) == []
+    first, other, rerun = _row(1, "defaults", 0.5), _row(2, "defaults", 0.9), _row(1, "defaults", 0.8)
+    results.write_text("".join(json.dumps(r) + "\n" for r in (first, other, rerun)))
+    assert sorted((r["seed"], r["test_acc"]) for r in earlier_rows(results)) == [(1, 0.8), (2, 0.9)]
+    results.write_text(json.dumps(first) + "\n{not json\n")
+    with pytest.raises(UserError, match="results.jsonl:2 is not a result row"):
+        earlier_rows(results)
