@@ -139,6 +139,13 @@ def run_key(row: dict[str, Any]) -> tuple[str, int, str]:
     return row["setting"], row["seed"], row["mode"]
 
 
+def table_order(row: dict[str, Any]) -> tuple[int, int, int]:
+    """Settings and modes in their declared order, then seeds."""
+    known = list(SETTINGS)
+    return (known.index(row["setting"]) if row["setting"] in known else len(known), row["seed"],
+            MODES.index(row["mode"]) if row["mode"] in MODES else len(MODES))
+
+
 def earlier_rows(results: Path) -> list[dict[str, Any]]:
     """The rows already in ``results`` (results.jsonl), a rerun's row in place of its first."""
     if not results.exists():
@@ -178,8 +185,9 @@ def run_benchmark(opts: BenchOptions, base: dict[str, Any]) -> list[dict[str, An
         earlier[run_key(row)] = row
         with results.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        write_table(list(earlier.values()), out / "table.md")
-        plot(list(earlier.values()), out / "natural_divergence.png")
+        every = sorted(earlier.values(), key=table_order)
+        write_table(every, out / "table.md")
+        plot(every, out / "natural_divergence.png")
         left = len(plan) - len(rows)
         eta = (time.perf_counter() - t0) / len(rows) * left
         log.info(f"{len(rows)}/{len(plan)} {row['setting']} seed {row['seed']} {row['mode']}: {outcome(row)}"

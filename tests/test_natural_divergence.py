@@ -90,7 +90,7 @@ def test_the_reference_of_an_augmented_setting_keeps_augmentation_out_of_px():
 
 
 def test_the_report_keeps_earlier_invocations_rows_and_a_reruns_row_replaces_its_first(tmp_path):
-    from jemfast.natural_divergence import earlier_rows
+    from jemfast.natural_divergence import earlier_rows, table_order
     from jemfast.process.errors import UserError
 
     results = tmp_path / "results.jsonl"
@@ -98,6 +98,10 @@ def test_the_report_keeps_earlier_invocations_rows_and_a_reruns_row_replaces_its
     first, other, rerun = _row(1, "defaults", 0.5), _row(2, "defaults", 0.9), _row(1, "defaults", 0.8)
     results.write_text("".join(json.dumps(r) + "\n" for r in (first, other, rerun)))
     assert sorted((r["seed"], r["test_acc"]) for r in earlier_rows(results)) == [(1, 0.8), (2, 0.9)]
+    rows = [{**_row(2, "clf-only", 0.9), "setting": "batch-norm"}, {**_row(1, "defaults", 0.9), "setting": "digits32"},
+            {**_row(1, "off", 0.0), "setting": "batch-norm"}, {**_row(1, "defaults", 0.9), "setting": "batch-norm"}]
+    assert [(r["setting"], r["seed"], r["mode"]) for r in sorted(rows, key=table_order)] == [
+        ("digits32", 1, "defaults"), ("batch-norm", 1, "off"), ("batch-norm", 1, "defaults"), ("batch-norm", 2, "clf-only")]
     results.write_text(json.dumps(first) + "\n{not json\n")
     with pytest.raises(UserError, match="results.jsonl:2 is not a result row"):
         earlier_rows(results)
