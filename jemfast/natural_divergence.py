@@ -83,6 +83,8 @@ class BenchOptions:
     jobs: int = option(1, "--jobs", "runs at a time (each with CPUs / jobs torch threads)", lo=1, hi=256)
     out: str = option("runs/natural_divergence", "--out", "directory of the benchmark's runs and report")
     overwrite: bool = option(False, "--overwrite", "replace the runs already in --out", action="store_true")
+    report: bool = option(False, "--report", "only write table.md and natural_divergence.png again from --out's "
+                          "results.jsonl", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,10 +162,22 @@ def earlier_rows(results: Path) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
+def write_report(out: Path) -> None:
+    """table.md and natural_divergence.png again from ``out``'s results.jsonl."""
+    from .outputs.divergence_matrix import plot, write_table
+
+    results = out / "results.jsonl"
+    if not results.is_file():
+        raise UserError(f"{results}: no such file (run the benchmark into --out first)")
+    rows = sorted(earlier_rows(results), key=table_order)
+    write_table(rows, out / "table.md")
+    plot(rows, out / "natural_divergence.png")
+
+
 def run_benchmark(opts: BenchOptions, base: dict[str, Any]) -> list[dict[str, Any]]:
     from .process.pool import run_all
     from .process.threads import available_cpus
-    from .outputs.divergence_matrix import outcome, plot, write_table
+    from .outputs.divergence_matrix import outcome
 
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -177,17 +191,13 @@ def run_benchmark(opts: BenchOptions, base: dict[str, Any]) -> list[dict[str, An
             for setting in opts.settings for seed in opts.seeds for mode in opts.modes]
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    # the report covers every run in OUT: earlier invocations' (more seeds, other settings) too
-    earlier = {run_key(r): r for r in earlier_rows(results)}
+    earlier_rows(results)  # a corrupt results.jsonl stops the benchmark before it trains
 
     def done(row: dict[str, Any]) -> None:
         rows.append(row)
-        earlier[run_key(row)] = row
         with results.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        every = sorted(earlier.values(), key=table_order)
-        write_table(every, out / "table.md")
-        plot(every, out / "natural_divergence.png")
+        write_report(out)  # every row in results.jsonl: earlier invocations' (more seeds, settings) too
         left = len(plan) - len(rows)
         eta = (time.perf_counter() - t0) / len(rows) * left
         log.info(f"{len(rows)}/{len(plan)} {row['setting']} seed {row['seed']} {row['mode']}: {outcome(row)}"
@@ -204,9 +214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         opts = check_fields(BenchOptions(**given_values(args, BenchOptions)))
         base = given_values(args, Config, TRAIN)
-        if not opts.seeds or not opts.modes or not opts.settings:
+        if opts.report:
+            write_report(Path(opts.out))
+        elif not opts.seeds or not opts.modes or not opts.settings:
             raise UserError("--settings, --seeds and --modes must name at least one")
-        run_benchmark(opts, base)
+        else:
+            run_benchmark(opts, base)
         print((Path(opts.out) / "table.md").read_text(encoding="utf-8"))
         return 0
 

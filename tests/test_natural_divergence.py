@@ -105,3 +105,18 @@ def test_the_report_keeps_earlier_invocations_rows_and_a_reruns_row_replaces_its
     results.write_text(json.dumps(first) + "\n{not json\n")
     with pytest.raises(UserError, match="results.jsonl:2 is not a result row"):
         earlier_rows(results)
+
+
+def test_report_only_rewrites_the_table_from_results_jsonl(tmp_path, capsys):
+    from jemfast.natural_divergence import main
+
+    assert main(["--report", "--out", str(tmp_path)]) == 2
+    assert "results.jsonl: no such file" in capsys.readouterr().err
+    rows = [{**_row(1, "defaults", 0.75), "setting": "cifar-path"}, {**_row(1, "clf-only", 0.92), "setting": "cifar-path"},
+            {**_row(1, "reference", 0.77), "setting": "cifar-path"}, {**_row(1, "defaults", 0.95), "setting": "digits32"}]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["--report", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert table[2].startswith("| digits32 |") and table[3].startswith("| cifar-path |")
+    assert "the JEM itself" in table[3] and (tmp_path / "natural_divergence.png").stat().st_size > 1000
+    assert not (tmp_path / "digits32").exists()  # nothing trained
