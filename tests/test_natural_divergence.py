@@ -71,12 +71,13 @@ def test_the_report_says_whether_a_shortfall_is_the_jems_own_or_the_recoverys(tm
     assert why_short(runs(*clf, *short)).startswith("not measured")
     own = why_short(runs(*clf, *short, _row(1, "reference", 0.77), _row(2, "reference", 0.60)))
     assert own.startswith("the JEM itself") and "1/1 seeds" in own and "-15.0 to -15.0" in own, own
+    assert own.endswith("the defaults -2.0 from it)"), own  # 75 % against the reference's 77 %
     assert why_short(runs(*clf, *short, _row(1, "reference", 0.89))).startswith("the recovery")
     stopped = why_short(runs(*clf, _row(1, "defaults", 0.0, "diverged"), _row(1, "reference", 0.5, "diverged")))
     assert stopped.startswith("the JEM itself") and "-92.0" in stopped  # a stopped run counts as 0
     rows = [*clf, *short, _row(1, "reference", 0.77)]
     assert summary_lines(rows)[2].endswith("| the JEM itself: stable from the start it is short too "
-                                           "(1/1 seeds, -15.0 to -15.0 points) |")
+                                           "(1/1 seeds, -15.0 to -15.0 points; the defaults -2.0 from it) |")
     write_table(rows, tmp_path / "table.md")
     assert "| 1 | reference | stable |  |  | 77.0 % | -15.0 |" in (tmp_path / "table.md").read_text()
 

@@ -63,8 +63,10 @@ def why_short(runs: dict[tuple[int, str], dict[str, Any]]) -> str:
         return "not measured (no reference run of those seeds)"
     itself = [g for g in ref if g < -TOLERANCE]
     if len(itself) == len(short):
+        cost = statistics.fmean(gap_to_classifier(runs, s) for s in short) - statistics.fmean(ref)
         return (f"the JEM itself: stable from the start it is short too ({len(itself)}/{len(short)} seeds, "
-                f"{min(itself) * 100:+.1f} to {max(itself) * 100:+.1f} points)")
+                f"{min(itself) * 100:+.1f} to {max(itself) * 100:+.1f} points; the defaults {cost * 100:+.1f} "
+                f"from it)")
     if not itself:
         return f"the recovery: stable from the start the JEM is within 5 points ({len(short)}/{len(short)} seeds)"
     return f"mixed: stable from the start the JEM is short on {len(itself)} of those {len(short)} seeds too"
