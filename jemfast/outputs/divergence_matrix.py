@@ -130,6 +130,7 @@ def plot(rows: list[dict[str, Any]], path: Any) -> None:
     colours = {"off": "tab:gray", "defaults": "tab:blue", "clf-only": "tab:green", "reference": "tab:olive"}
     fig, ax = plt.subplots(figsize=(2.0 + 1.3 * len(by), 4.4))
     width = 0.8 / max(1, len(modes))
+    labelled: set[str] = set()  # each mode in the legend once, whichever setting first has it
     for i, (setting, runs) in enumerate(by.items()):
         for j, mode in enumerate(modes):
             accs = [r["test_acc"] if r["status"] == "finished" and math.isfinite(r["test_acc"]) else 0.0
@@ -140,7 +141,8 @@ def plot(rows: list[dict[str, Any]], path: Any) -> None:
             stopped = any(r["status"] == "diverged" for (_, m), r in runs.items() if m == mode)
             ax.bar(x, statistics.fmean(accs), width * 0.9, color=colours[mode], alpha=0.8,
                    hatch="//" if stopped else None, edgecolor="tab:red" if stopped else "black",
-                   label=mode if i == 0 else None)
+                   label=None if mode in labelled else mode)
+            labelled.add(mode)
             ax.scatter([x] * len(accs), accs, s=8, color="black", zorder=3)
     ax.set_xticks(range(len(by)), list(by), rotation=20, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
