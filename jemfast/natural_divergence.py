@@ -35,6 +35,7 @@ from typing import Any, Sequence
 from .options.cli import OneLineParser, run_cli
 from .options.config import Config, build_config
 from .options.schema import add_flags, check_fields, given_values, option
+from .outputs.result_rows import read_result_rows
 from .process.errors import DivergenceExhausted, UserError
 from .process.log import get_logger, setup_cli_logging
 
@@ -148,28 +149,20 @@ def table_order(row: dict[str, Any]) -> tuple[int, int, int]:
             MODES.index(row["mode"]) if row["mode"] in MODES else len(MODES))
 
 
-def earlier_rows(results: Path) -> list[dict[str, Any]]:
-    """The rows already in ``results`` (results.jsonl), a rerun's row in place of its first."""
-    if not results.exists():
-        return []
-    rows = {}
-    for n, line in enumerate(results.read_text(encoding="utf-8").splitlines(), 1):
-        try:
-            row = json.loads(line)
-            rows[run_key(row)] = row
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{results}:{n} is not a result row ({e}); move it away or pass --overwrite") from None
-    return list(rows.values())
+def earlier_rows(results: Path, missing_ok: bool = True) -> list[dict[str, Any]]:
+    """The rows already in ``results`` (results.jsonl; a missing file: none, or one clear line
+    without ``missing_ok``), a rerun's row in place of its first."""
+    try:
+        return list({run_key(row): row for row in read_result_rows(results, missing_ok)}.values())
+    except KeyError as e:
+        raise UserError(f"{results}: a row without {e}; move it away or pass --overwrite") from None
 
 
 def write_report(out: Path) -> None:
     """table.md and natural_divergence.png again from ``out``'s results.jsonl."""
     from .outputs.divergence_matrix import plot, write_table
 
-    results = out / "results.jsonl"
-    if not results.is_file():
-        raise UserError(f"{results}: no such file (run the benchmark into --out first)")
-    rows = sorted(earlier_rows(results), key=table_order)
+    rows = sorted(earlier_rows(out / "results.jsonl", missing_ok=False), key=table_order)
     write_table(rows, out / "table.md")
     plot(rows, out / "natural_divergence.png")
 

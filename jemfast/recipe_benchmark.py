@@ -134,11 +134,9 @@ def write_report(out: Path) -> None:
     """table.md and recipes.png again from ``out``'s results.jsonl (a row without ``learned``, from
     an older version, takes it from its run's summary.json)."""
     from .outputs.recipe_report import plot, write_table
+    from .outputs.result_rows import read_result_rows
 
-    results = out / "results.jsonl"
-    if not results.is_file():
-        raise UserError(f"{results}: no such file (run the benchmark into --out first)")
-    rows = [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_result_rows(out / "results.jsonl")
     for row in rows:
         summary = Path(row["out"]) / "summary.json"
         if "learned" not in row and summary.is_file():

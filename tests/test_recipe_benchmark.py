@@ -41,6 +41,11 @@ def test_a_jem_run_at_chance_sets_no_target_and_report_rebuilds_the_table(tmp_pa
     rows = [row("jem", 1, 0.12, 500.0, [(250.0, 0.1), (500.0, 0.12)], learned=False),
             row("jem", 2, 0.80, 400.0, [(200.0, 0.5), (400.0, 0.8)], learned=True),
             row("mjem", 1, 0.85, 150.0, [(60.0, 0.7), (120.0, 0.82), (150.0, 0.85)], learned=True)]
+    assert main(["--report", "--out", str(tmp_path)]) == 2  # no results.jsonl yet: one line
+    assert "results.jsonl: no such file" in capsys.readouterr().err
+    (tmp_path / "results.jsonl").write_text(json.dumps(rows[0]) + "\n[1, 2]\n")
+    assert main(["--report", "--out", str(tmp_path)]) == 2
+    assert "results.jsonl:2 is not a result row" in capsys.readouterr().err
     # rows as an older version wrote them, without "learned": --report reads it from each summary.json
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(["--report", "--out", str(tmp_path)]) == 0
