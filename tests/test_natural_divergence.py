@@ -4,6 +4,7 @@ docs/stability.md), no injected fault."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,29 @@ def test_report_only_rewrites_the_table_from_results_jsonl(tmp_path, capsys):
     assert table[2].startswith("| digits32 |") and table[3].startswith("| cifar-path |")
     assert "the JEM itself" in table[3] and (tmp_path / "natural_divergence.png").stat().st_size > 1000
     assert not (tmp_path / "digits32").exists()  # nothing trained
+
+
+def test_a_divergence_after_the_run_learned_is_reported_as_late():
+    """valid_before comes from the epochs before the first restart or stop (the W1 probe's shape:
+    valid 14 %, 29 %, 54 %, then the divergence); the table counts and names the late ones."""
+    from jemfast.natural_divergence import valid_before_divergence
+    from jemfast.outputs.divergence_matrix import outcome, summary_lines
+
+    epoch = lambda step, acc: {"event": "epoch", "step": step, "valid_acc": acc}  # noqa: E731
+    learned = [epoch(39, 0.144), {"step": 40, "loss": 2.2}, epoch(78, 0.289), epoch(156, 0.539),
+               {"event": "diverged", "step": 180}]
+    assert valid_before_divergence(learned) == 0.539
+    restarted = [epoch(39, 0.30), {"event": "restart", "step": 60}, epoch(78, 0.95)]
+    assert valid_before_divergence(restarted) == 0.30  # the epochs after the restart do not count
+    assert math.isnan(valid_before_divergence([{"event": "diverged", "step": 30}]))  # before any epoch
+    assert math.isnan(valid_before_divergence([epoch(39, 0.9)]))  # it never diverged
+
+    late_off = {**_row(1, "off", math.nan, "diverged"), "diverged": True, "stopped_at": 180, "valid_before": 0.539}
+    early_off = {**_row(2, "off", math.nan, "diverged"), "diverged": True, "stopped_at": 30, "valid_before": math.nan}
+    old_row = {**_row(3, "off", math.nan, "diverged"), "diverged": True, "stopped_at": 30}  # before valid_before
+    assert outcome(late_off) == "diverged (stopped at iteration 180, after 53.9 % valid)"
+    assert outcome(early_off) == outcome(old_row) == "diverged (stopped at iteration 30)"
+    recovered = {**_row(1, "defaults", 0.9), "restarts": 2, "detected_at": 180, "valid_before": 0.539}
+    assert outcome(recovered) == "recovered (2 restart(s), first at 180, after 53.9 % valid)"
+    assert summary_lines([late_off, early_off, old_row])[2].startswith("| s | 3/3 (1 after learning) |")
+    assert summary_lines([early_off])[2].startswith("| s | 1/1 |")

@@ -8,16 +8,28 @@ import statistics
 from typing import Any
 
 TOLERANCE = 0.05  # a defaults run counts as good within 5 points of its setting's plain classifier
+LEARNED = 0.2  # a divergence is late when validation accuracy had passed 2x chance (10 digits) before it
+
+
+def late(row: dict[str, Any]) -> bool:
+    """The run had learned before its first divergence (rows of older runs lack ``valid_before``)."""
+    before = row.get("valid_before", math.nan)
+    return before is not None and math.isfinite(before) and before >= LEARNED
+
+
+def _after_learning(row: dict[str, Any]) -> str:
+    return f", after {100 * row['valid_before']:.1f} % valid" if late(row) else ""
 
 
 def outcome(row: dict[str, Any]) -> str:
     """One run's fate in a few words."""
     if row["status"] == "diverged":
         after = f" after {row['restarts']} restart(s)" if row["restarts"] else ""
-        return f"diverged{after} (stopped at iteration {row['stopped_at']})"
+        return f"diverged{after} (stopped at iteration {row['stopped_at']}{_after_learning(row)})"
     if row["status"] != "finished":
         return row["status"]
-    words = f"recovered ({row['restarts']} restart(s), first at {row['detected_at']})" if row["restarts"] else "stable"
+    words = (f"recovered ({row['restarts']} restart(s), first at {row['detected_at']}{_after_learning(row)})"
+             if row["restarts"] else "stable")
     return words + (", did not learn" if row["exit"] == 4 else "")
 
 
@@ -72,6 +84,14 @@ def why_short(runs: dict[tuple[int, str], dict[str, Any]]) -> str:
     return f"mixed: stable from the start the JEM is short on {len(itself)} of those {len(short)} seeds too"
 
 
+def _diverged_cell(off: list[dict[str, Any]]) -> str:
+    if not off:
+        return "—"
+    diverged = [r for r in off if r["diverged"]]
+    n_late = sum(late(r) for r in diverged)
+    return f"{len(diverged)}/{len(off)}" + (f" ({n_late} after learning)" if n_late else "")
+
+
 def summary_row(setting: str, runs: dict[tuple[int, str], dict[str, Any]]) -> str:
     seeds = sorted({s for s, _ in runs})
     mode = lambda m: [runs[(s, m)] for s in seeds if (s, m) in runs]  # noqa: E731
@@ -80,7 +100,7 @@ def summary_row(setting: str, runs: dict[tuple[int, str], dict[str, Any]]) -> st
     remedies = sorted({f"{k}={v}" for r in defaults for k, v in r["remedies"].items()})
     cells = [
         setting,
-        f"{sum(r['diverged'] for r in off)}/{len(off)}" if off else "—",
+        _diverged_cell(off),
         f"{sum(r['exit'] == 0 for r in defaults)}/{len(defaults)}" if defaults else "—",
         f"{sum(g >= -TOLERANCE for g in gaps)}/{len(gaps)}" if gaps else "—",
         f"{_pct(_mean([r['test_acc'] for r in defaults]))} / {_pct(_mean([r['test_acc'] for r in clf]))}",
