@@ -41,7 +41,7 @@ from .stability.inject import InjectDivergence
 from .stability.monitor import DivergenceMonitor
 from .stability.recovery import (RecoveryAction, RecoveryState, candidate_remedies, choose_target,
                                  recovery_action, restart, state_step)
-from .step import accuracy, lr_at, set_lr, train_step
+from .step import accuracy, generative_weights, lr_at, set_lr, train_step
 
 log = get_logger(__name__)
 NOT_LEARNED_EXIT = 4  # exit code of a run that finished at chance accuracy (2: bad input, 3: diverged)
@@ -321,7 +321,8 @@ class Trainer:
         event = restart(rec, self.cfg.run.seed, p.step, cause, self.monitor, self._roll_back, self._reseed,
                         self.sampler, self.cfg.sampler.n_steps, self.cfg.sampler.step_size, self.buffer.reset,
                         self._inform if can_inform else None,
-                        lambda lagging: candidate_remedies(self.run_cfg, lagging, self.data.augments))
+                        lambda lagging: candidate_remedies(self.run_cfg, lagging, self.data.augments),
+                        sampling=any(w > 0 for w in generative_weights(self.cfg.loss)))
         self.run_cfg = rec.effective(self.cfg)
         self.save_checkpoint()  # the restarted state: what --resume continues if the process dies now
         self.metrics.write(event)

@@ -7,7 +7,7 @@ import math
 import torch
 
 from jemfast.stability.collapse import IntervalStats, accuracy_collapsed, gap_drifting, gap_running_away, onset
-from jemfast.stability.recovery import GoodState, RecoveryState, choose_target
+from jemfast.stability.recovery import GoodState, RecoveryState, choose_target, recovery_action
 
 # Measured (10-iteration means of E(real) - E(fake) and the grad norm) on the natural-divergence
 # benchmark's setting at lr 1e-4 (WRN-10-2 without normalisation, digits32, 5 SGLD steps): the
@@ -133,9 +133,9 @@ def test_never_learned_reads_the_whole_run_and_needs_accuracy():
     assert not never_learned([IntervalStats(10, 0.1, 1.0)], 10)  # accuracy not logged: no judgement
 
 
-def _restart_with(series_rows):
-    """restart() over good states at 10..80 and a monitor holding ``series_rows``; returns the
-    limit it asked roll_back for and the event."""
+def _restart_with(series_rows, **kw):
+    """restart() over good states at 10..80 and a monitor holding ``series_rows`` (``kw``: more of
+    restart's arguments); returns the limit it asked roll_back for and the event."""
     from jemfast.options.config import StabilityConfig
     from jemfast.stability.monitor import DivergenceMonitor
     from jemfast.stability.recovery import restart
@@ -151,7 +151,7 @@ def _restart_with(series_rows):
         asked.append(limit)
         return choose_target(rec.memory, [], limit, lambda p: None, (OSError,))[0]
 
-    event = restart(rec, 1, 130, "test", mon, roll_back, lambda seed: None, None, 20, 1.0, lambda: None)
+    event = restart(rec, 1, 130, "test", mon, roll_back, lambda seed: None, None, 20, 1.0, lambda: None, **kw)
     return asked[0], event
 
 
@@ -184,3 +184,23 @@ def test_never_learned_pools_a_one_batch_interval_with_its_neighbour():
     assert never_learned(rows, 10)  # pooled with the 9 iterations before: (9 x 12 % + 25 %) / 10 = 13 %
     rows[-1] = IntervalStats(50, 0.1, 1.0, 0.30)
     assert not never_learned(rows, 10)  # ten iterations at 30 % is learning
+
+
+# Measured: --clf-only at lr 1e-2 warmed up over 200 iterations (digits32, seed 7): its E(real)
+# (E(fake) is a 0 placeholder without p(x)) ran from -3.7 to -11.8 nats as the classifier
+# collapsed (valid 56 % -> 13 %) and the monitor caught it at 160.
+CLF_ONLY_LR = [(100, -3.72, 4.7, 0.53), (110, -5.03, 6.8, 0.60), (120, -5.9, 5.0, 0.69), (130, -6.16, 5.9, 0.74),
+               (140, -8.18, 13.6, 0.67), (150, -11.8, 24.3, 0.56)]
+
+
+def test_a_classifier_without_p_x_gets_the_lr_and_nothing_for_chains_it_does_not_have():
+    inform = []
+    remedies = lambda lagging: [{"loss.energy_l2": 0.1}]  # noqa: E731
+    _, jem = _restart_with(CLF_ONLY_LR, inform=lambda: inform.append(1), remedies=remedies)
+    assert inform == [1] and "informative init" in jem["action"]  # a JEM with that gap: its chains lag
+    _, clf = _restart_with(CLF_ONLY_LR, inform=lambda: inform.append(2), remedies=remedies, sampling=False)
+    assert clf["action"] == "seed -> 1001, lr x0.5, lr warm-up again" and clf["overrides"] == {}
+    assert 2 not in inform
+    sudden = [recovery_action(k, 7, sampling=False) for k in (1, 2, 3, 4)]
+    assert [a.lr_factor for a in sudden] == [1.0, 0.5, 0.5, 0.5]  # a blow-up: first a new seed, as the paper
+    assert all(a.sgld_steps_factor == 1 and not a.reset_buffer and not a.informative_init for a in sudden)

@@ -111,15 +111,23 @@ class RecoveryAction:
 
 def recovery_action(k: int, base_seed: int, gradual: bool = False, chains_lagging: bool = False,
                     can_inform: bool = False, remedies: list[dict[str, Any]] = (),
-                    can_rewarm: bool = True) -> RecoveryAction:
+                    can_rewarm: bool = True, sampling: bool = True) -> RecoveryAction:
     """The documented action for the ``k``-th restart (1-based). ``gradual``: the divergence built
     up over several checks (its onset is before the last check; a natural collapse), rather than
     appearing within one interval; ``chains_lagging``: the energy gap ran away with E(real) below
     E(fake), the samples unable to follow the model; ``can_inform``: fresh chains start from
     U(-1, 1) and the run can switch them to the informative init (it has labelled training data);
     ``remedies``: the config remedies still open to a gradual collapse (:func:`candidate_remedies`);
-    ``can_rewarm``: the run can start its lr warm-up again (a Guard told its warm-up length)."""
+    ``can_rewarm``: the run can start its lr warm-up again (a Guard told its warm-up length);
+    ``sampling``: the run has a generative term that SGLD samples for. Without one (``--clf-only``)
+    only the classifier can diverge, and the lr is the only remedy that reaches it: every restart
+    but a sudden blow-up's first halves it, and nothing touches chains, buffer or p(x) (measured:
+    a plain classifier at lr 1e-2 spent its first restart on ``--energy-l2``, a no-op there)."""
     action = RecoveryAction(restart=k, new_seed=base_seed + 1000 * k)
+    if not sampling:
+        action.lr_factor = 1.0 if k == 1 and not gradual else 0.5
+        action.rewarm = gradual and can_rewarm
+        return action
     if not gradual:  # a sudden blow-up: first a new seed alone, as the paper does by hand
         action.lr_factor = 1.0 if k in (1, 3) else 0.5
         action.sgld_steps_factor = 2 if k == 3 else 1
@@ -241,10 +249,10 @@ class RecoveryState:
 
     def next_action(self, base_seed: int, gradual: bool = False, chains_lagging: bool = False,
                     can_inform: bool = False, remedies: list[dict[str, Any]] = (),
-                    can_rewarm: bool = True) -> RecoveryAction:
+                    can_rewarm: bool = True, sampling: bool = True) -> RecoveryAction:
         """The action of the next restart."""
         return recovery_action(len(self.restarts) + 1, base_seed, gradual, chains_lagging,
-                               can_inform and not self.informative_init, remedies, can_rewarm)
+                               can_inform and not self.informative_init, remedies, can_rewarm, sampling)
 
     def effective(self, cfg: Any) -> Any:
         """``cfg`` (a :class:`jemfast.options.config.Config`) with the restarts' config remedies."""
@@ -315,7 +323,7 @@ def restart(rec: RecoveryState, base_seed: int, diverged_at: int, cause: str, mo
             sampler: Any | None, base_n_steps: int, base_step_size: float | None,
             reset_buffer: Callable[[], None], inform: Callable[[], None] | None = None,
             remedies: Callable[[bool], list[dict[str, Any]]] | None = None,
-            can_rewarm: bool = True) -> dict[str, Any]:
+            can_rewarm: bool = True, sampling: bool = True) -> dict[str, Any]:
     """Carry out the next restart of the policy; returns its event (also appended to ``rec.restarts``).
 
     ``monitor`` dates the divergence (:meth:`DivergenceMonitor.onset`) and says whether the
@@ -328,12 +336,14 @@ def restart(rec: RecoveryState, base_seed: int, diverged_at: int, cause: str, mo
     when the action says so; ``remedies(chains_lagging)`` lists the config remedies still open
     to the run (:func:`candidate_remedies`; None: none can apply), which take effect through
     ``rec.overrides`` (:meth:`RecoveryState.effective`); ``can_rewarm``: the run starts its lr
-    warm-up again from ``rec.warmup_from`` when the action says so. Logs one warning line.
+    warm-up again from ``rec.warmup_from`` when the action says so; ``sampling``: the run samples
+    for a generative term (False: ``--clf-only``, whose E(fake) is a 0 placeholder, so a "gap"
+    below zero is no lagging chain). Logs one warning line.
     """
     onset = monitor.onset()
-    lagging, gradual = monitor.chains_lagging(onset), monitor.gradual(onset)
+    lagging, gradual = sampling and monitor.chains_lagging(onset), monitor.gradual(onset)
     action = rec.next_action(base_seed, gradual, lagging, inform is not None,
-                             remedies(lagging) if remedies is not None else [], can_rewarm)
+                             remedies(lagging) if remedies is not None and sampling else [], can_rewarm, sampling)
     rec.apply(action)
     # A classifier at chance since the start has nothing to lose by going back to the start, and
     # before a gradual collapse's onset it may have been damaged unflagged (measured: the jem recipe
