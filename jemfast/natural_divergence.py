@@ -88,7 +88,8 @@ class BenchOptions:
                                     "classifier), reference (the stable setting)", choices=MODES, metavar="M1,M2,...")
     jobs: int = option(1, "--jobs", "runs at a time (each with CPUs / jobs torch threads)", lo=1, hi=256)
     out: str = option("runs/natural_divergence", "--out", "directory of the benchmark's runs and report")
-    overwrite: bool = option(False, "--overwrite", "replace the runs already in --out", action="store_true")
+    overwrite: bool = option(False, "--overwrite", "train again the runs of --settings/--seeds/--modes already in "
+                             "--out (their new rows replace the old; every other row stays)", action="store_true")
     report: bool = option(False, "--report", "only write table.md and natural_divergence.png again from --out's "
                           "results.jsonl", action="store_true")
 
@@ -173,7 +174,7 @@ def earlier_rows(results: Path, missing_ok: bool = True) -> list[dict[str, Any]]
     try:
         return list({run_key(row): row for row in read_result_rows(results, missing_ok)}.values())
     except KeyError as e:
-        raise UserError(f"{results}: a row without {e}; move it away or pass --overwrite") from None
+        raise UserError(f"{results}: a row without {e}; move it away") from None
 
 
 def write_report(out: Path) -> None:
@@ -193,8 +194,6 @@ def run_benchmark(opts: BenchOptions, base: dict[str, Any]) -> list[dict[str, An
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
-    if opts.overwrite:
-        results.unlink(missing_ok=True)
     if opts.jobs > 1 and "run.threads" not in base:
         base = {**base, "run.threads": max(1, available_cpus() // opts.jobs)}
     plan = [(setting, seed, mode, run_config(base, setting, seed, mode, out / setting / f"seed-{seed}-{mode}",

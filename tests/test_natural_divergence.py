@@ -148,3 +148,19 @@ def test_a_divergence_after_the_run_learned_is_reported_as_late():
     assert outcome(recovered) == "recovered (2 restart(s), first at 180, after 53.9 % valid)"
     assert summary_lines([late_off, early_off, old_row])[2].startswith("| s | 3/3 (1 after learning) |")
     assert summary_lines([early_off])[2].startswith("| s | 1/1 |")
+
+
+def test_overwrite_trains_its_runs_again_and_keeps_every_other_row(tmp_path, monkeypatch):
+    """--overwrite once deleted results.jsonl, every earlier invocation's seeds and settings with it."""
+    import jemfast.natural_divergence as nd
+
+    monkeypatch.setattr(nd, "run_one", lambda cfg, setting, seed, mode: {
+        **_row(seed, mode, 0.93), "setting": setting, "overwrite": cfg.run.overwrite})
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps({**_row(s, "off", 0.5), "setting": name}) + "\n"
+                                                    for name, s in (("digits32", 1), ("cifar-path", 7))))
+    opts = nd.BenchOptions(settings=("digits32",), seeds=(1,), modes=("off",), out=str(tmp_path), overwrite=True)
+    [row] = nd.run_benchmark(opts, {})
+    assert row["overwrite"]  # the run directory may be replaced
+    kept = {nd.run_key(r): r for r in nd.earlier_rows(tmp_path / "results.jsonl")}
+    assert kept[("digits32", 1, "off")]["test_acc"] == 0.93  # the rerun's row replaced its first
+    assert kept[("cifar-path", 7, "off")]["test_acc"] == 0.5  # another invocation's row stays
