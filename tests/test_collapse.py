@@ -204,3 +204,23 @@ def test_a_classifier_without_p_x_gets_the_lr_and_nothing_for_chains_it_does_not
     sudden = [recovery_action(k, 7, sampling=False) for k in (1, 2, 3, 4)]
     assert [a.lr_factor for a in sudden] == [1.0, 0.5, 0.5, 0.5]  # a blow-up: first a new seed, as the paper
     assert all(a.sgld_steps_factor == 1 and not a.reset_buffer and not a.informative_init for a in sudden)
+
+
+def test_a_collapse_the_drift_test_caught_is_gradual_even_in_its_first_interval_after_a_rollback():
+    """Measured on original-layout seed 2: rolled back to 20, the resumed collapse was caught by the
+    drift test at 30, dated to 20 (the last check), read as a sudden blow-up and answered twice with
+    the blow-up ladder (lr x0.5, then SGLD steps x2) instead of the lagging chains' remedy."""
+    from jemfast.options.config import StabilityConfig
+    from jemfast.stability.monitor import DivergenceMonitor
+
+    mon = DivergenceMonitor(StabilityConfig(), torch.device("cpu"), n_classes=10)
+    mon.series = series(NATURAL[:5])  # the history up to iteration 50, as after a rollback to 50
+    mon.interval, mon.count = torch.tensor([-1.9, 7.0, 0.0]), 1  # iteration 60's interval: the drift
+    assert "drifting away" in mon.check(60) and mon.trend
+    assert mon.gradual(50)  # dated to the last check, but a test of several intervals caught it
+    mon.trend = False
+    assert not mon.gradual(50)  # a limit or jump test dated to the last check: sudden, as before
+    mon.trend = True
+    mon.series[-1] = IntervalStats(60, -1.9e4, 7.0)  # a x1e4 jump in one interval stays sudden
+    assert not mon.gradual(50)
+    assert mon.check(70) is None and not mon.trend  # an empty healthy check clears it
