@@ -9,7 +9,8 @@ seed, as the JEM paper does by hand. What else it changes depends on how the div
 - sudden (it appeared within one check interval): k = 1 new seed only; k = 2 lr x 0.5; k = 3
   SGLD steps x 2 (the paper's "40 steps instead of 20"); k = 4 replay buffer re-initialised and
   lr x 0.5; k > 4 lr x 0.5;
-- gradual (it built up over several checks: a natural collapse; a new seed from the same state
+- gradual (it built up over several checks, or a test of several intervals caught it
+  (:meth:`DivergenceMonitor.gradual`): a natural collapse; a new seed from the same state
   retraces it, measured): every restart starts the lr warm-up again from the state rolled back
   to. When the chains lagged (E(real) ran below E(fake): the samples could not follow the model)
   and fresh chains still start from U(-1, 1), the restart switches them to JEM++'s informative
@@ -25,6 +26,8 @@ seed, as the JEM paper does by hand. What else it changes depends on how the div
   which bounds the energies' run-away. Only when no remedy is left does each restart halve the
   lr; k = 1, 2 also multiply the SGLD step size by 10 if the chains lagged; k = 2 doubles the
   SGLD steps; k = 3 re-initialises the replay buffer.
+
+A run without a generative term (``--clf-only``) gets only the lr (``sampling`` below).
 
 A divergence that recurs before any later check passed rolls back further than the state it
 returned to last time (that state led here again). A gradual divergence of a run whose train
