@@ -258,15 +258,17 @@ class Trainer:
         return training_state(self.cfg, self.data.input_shape, self.data.n_classes, self.model, self.optimizer,
                               self.buffer, self.sampler, self.progress, self.recovery)
 
-    def save_checkpoint(self) -> str | None:
+    def save_checkpoint(self, restarted: bool = False) -> str | None:
         """Check for divergence first: returns its cause and saves nothing, or saves a good
-        checkpoint (the new rollback target) and returns None."""
+        checkpoint (the new rollback target) and returns None. ``restarted``: the state a restart
+        just rolled back to (no iteration ran since, so no check has judged it again: a divergence
+        before the next passing check must roll back further, RecoveryState.target_limit)."""
         cause = self.monitor.check(self.progress.step)
         if cause:
             return cause
         state = self.state()
         path = self._write_checkpoint(state)  # OSError: see run()
-        self.recovery.checkpointed(state, path, self.progress.step)
+        self.recovery.checkpointed(state, path, self.progress.step, checked=not restarted)
         self.monitor.keep_states(self.recovery.reachable_steps((self.out / "checkpoints").glob("good-*.pt")))
         return None
 
@@ -324,7 +326,7 @@ class Trainer:
                         lambda lagging: candidate_remedies(self.run_cfg, lagging, self.data.augments),
                         sampling=any(w > 0 for w in generative_weights(self.cfg.loss)))
         self.run_cfg = rec.effective(self.cfg)
-        self.save_checkpoint()  # the restarted state: what --resume continues if the process dies now
+        self.save_checkpoint(restarted=True)  # the restarted state: what --resume continues if the process dies now
         self.metrics.write(event)
         self.bar.n = p.step
 

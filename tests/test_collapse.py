@@ -224,3 +224,46 @@ def test_a_collapse_the_drift_test_caught_is_gradual_even_in_its_first_interval_
     mon.series[-1] = IntervalStats(60, -1.9e4, 7.0)  # a x1e4 jump in one interval stays sudden
     assert not mon.gradual(50)
     assert mon.check(70) is None and not mon.trend  # an empty healthy check clears it
+
+
+# Measured on the late-lr setting (digits32, informative init, lr warmed up to 1e-2), seed 1 with the
+# defaults: 10-iteration means (step, E(real) - E(fake), grad norm, train accuracy); the epoch ends
+# at 117 and 156 (the detection) cut short intervals. The classifier fell from 67 % to 9 % over
+# iterations 120-150 with the gap near 0.3 nats; no test fired before 156.
+LATE_LR = [(60, -0.1, 2.0, 0.144), (70, 0.09, 9.6, 0.237), (80, 0.08, 6.1, 0.319), (90, 0.1, 6.0, 0.45),
+           (100, 0.19, 7.1, 0.534), (110, 0.18, 7.8, 0.447), (117, 0.2, 6.0, 0.95), (120, 0.3, 4.5, 0.669),
+           (130, 0.28, 15.7, 0.366), (140, 0.28, 17.6, 0.253), (150, 0.24, 33.8, 0.094), (156, 0.3, 60.0, 0.05)]
+
+
+def test_a_classifier_that_falls_after_learning_dates_the_collapse_where_it_began_to_fall():
+    late = [IntervalStats(*row) for row in LATE_LR]
+    assert onset(late, n_classes=10) == 120  # the last interval before accuracy fell under 0.75 x 53.4 %
+    assert onset(late) == 150  # without accuracy (n_classes unknown): the gap and grad signals alone
+    # the 7-iteration interval at 117 (95 %, one lucky stretch) does not set the learned level
+    from jemfast.stability.collapse import learned_level
+    assert learned_level(late[:8], 10) == 0.534  # 120 is 3 iterations after 117: short too
+    at_chance = [IntervalStats(s, g, n, 0.1 + 0.02 * (s % 20 == 0)) for s, g, n, _ in LATE_LR]
+    assert onset(at_chance, 10) == 150  # never learned: accuracy cannot date anything
+
+
+def test_a_classifier_collapse_with_a_calm_gap_gets_the_lr_not_a_p_x_remedy():
+    from jemfast.options.config import StabilityConfig
+    from jemfast.stability.monitor import DivergenceMonitor
+
+    mon = DivergenceMonitor(StabilityConfig(), torch.device("cpu"), n_classes=10)
+    mon.series = [IntervalStats(*row) for row in LATE_LR]
+    assert mon.onset() == 120 and mon.classifier_collapsed(120)
+    drifting = [IntervalStats(s, -g * 2 ** (s // 10 - 11) if s > 120 else g, n, a) for s, g, n, a in LATE_LR]
+    mon.series = drifting  # the same fall with the gap past a nat: not the classifier alone
+    assert not mon.classifier_collapsed(120)
+    mon.series = series(NATURAL)  # no accuracy logged
+    assert not mon.classifier_collapsed(20)
+    remedies = [{"loss.energy_l2": 0.1}]
+    first = recovery_action(1, 7, gradual=True, remedies=remedies, classifier=True)
+    assert (first.lr_factor, first.overrides, first.rewarm) == (0.5, {}, True)
+    assert recovery_action(1, 7, gradual=True, remedies=remedies).overrides == remedies[0]  # as before
+    lagging = recovery_action(1, 7, gradual=True, chains_lagging=True, can_inform=True, classifier=True)
+    assert lagging.informative_init  # lagging chains come first
+    _, event = _restart_with(LATE_LR, remedies=lambda lagging: remedies)  # through restart(), as the Trainer
+    assert (event["diagnosis"], event["onset"], event["overrides"]) == ("classifier collapsed", 120, {})
+    assert event["action"] == "seed -> 1001, lr x0.5, lr warm-up again"

@@ -140,3 +140,23 @@ def test_a_run_keeps_the_monitor_histories_bounded(tmp_path):
     ring, memory = trainer.cfg.stability.good_ring, trainer.cfg.stability.snapshot_ring
     assert trainer.progress.step // 2 > 3 * (ring + memory)  # unpruned, far more would be kept
     assert len(trainer.monitor._states) <= ring + memory + 1
+
+
+def test_a_divergence_that_recurs_before_a_passing_check_rolls_back_further(tmp_path, monkeypatch):
+    """The restart's own checkpoint of the state it rolled back to is no passing check: measured on
+    the late-lr setting (seed 1), four restarts in a row landed on the same collapsed state at 150."""
+    from jemfast.stability.monitor import DivergenceMonitor
+
+    real_check, fired = DivergenceMonitor.check, []
+
+    def check(self, step=None):
+        cause = real_check(self, step)
+        if step == 10 and len(fired) < 2:
+            fired.append(step)
+            return "test cause"
+        return cause
+
+    monkeypatch.setattr(DivergenceMonitor, "check", check)
+    summary = train(tiny_digits_config(tmp_path / "run", stability__check_every=2, optim__epochs=1))
+    assert summary["status"] == "finished"
+    assert [r["rolled_back_to"] for r in summary["restarts"]] == [8, 6]

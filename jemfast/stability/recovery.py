@@ -114,7 +114,7 @@ class RecoveryAction:
 
 def recovery_action(k: int, base_seed: int, gradual: bool = False, chains_lagging: bool = False,
                     can_inform: bool = False, remedies: list[dict[str, Any]] = (),
-                    can_rewarm: bool = True, sampling: bool = True) -> RecoveryAction:
+                    can_rewarm: bool = True, sampling: bool = True, classifier: bool = False) -> RecoveryAction:
     """The documented action for the ``k``-th restart (1-based). ``gradual``: the divergence built
     up over several checks (its onset is before the last check; a natural collapse), rather than
     appearing within one interval; ``chains_lagging``: the energy gap ran away with E(real) below
@@ -125,7 +125,10 @@ def recovery_action(k: int, base_seed: int, gradual: bool = False, chains_laggin
     ``sampling``: the run has a generative term that SGLD samples for. Without one (``--clf-only``)
     only the classifier can diverge, and the lr is the only remedy that reaches it: every restart
     but a sudden blow-up's first halves it, and nothing touches chains, buffer or p(x) (measured:
-    a plain classifier at lr 1e-2 spent its first restart on ``--energy-l2``, a no-op there)."""
+    a plain classifier at lr 1e-2 spent its first restart on ``--energy-l2``, a no-op there);
+    ``classifier``: the classifier collapsed first, the energy gap calm
+    (:meth:`DivergenceMonitor.classifier_collapsed`): a gradual one gets the lr x0.5 at once, the
+    remedy that reaches a classifier, not a p(x) remedy."""
     action = RecoveryAction(restart=k, new_seed=base_seed + 1000 * k)
     if not sampling:
         action.lr_factor = 1.0 if k == 1 and not gradual else 0.5
@@ -139,6 +142,9 @@ def recovery_action(k: int, base_seed: int, gradual: bool = False, chains_laggin
     action.rewarm = can_rewarm  # the run's settings led here: a new seed alone retraces it
     if chains_lagging and can_inform:  # once: RecoveryState passes can_inform until the switch is made
         action.informative_init = action.reset_buffer = True
+        return action
+    if classifier and not chains_lagging:
+        action.lr_factor = 0.5
         return action
     if remedies:
         action.overrides = dict(remedies[0])
@@ -213,12 +219,13 @@ class RecoveryState:
         """The newest good state in memory (None before the first)."""
         return self.memory[0].state if self.memory else None
 
-    def checkpointed(self, state: dict[str, Any], path: Path | None, step: int) -> None:
+    def checkpointed(self, state: dict[str, Any], path: Path | None, step: int, checked: bool = True) -> None:
         """A good state ``state`` of iteration ``step`` was taken (and written to ``path``, or
         kept in memory only: None). It becomes the newest rollback target. Past ``memory_ring``
         states, the one whose removal leaves the smallest gap relative to its age goes (its
         tensors are reused): the states kept thin out geometrically with age, dense just before
-        now and reaching back to the oldest."""
+        now and reaching back to the oldest. ``checked``: a passing check judged it (False: the
+        restarted state a restart checkpoints at once, which must not clear :attr:`last_target`)."""
         mem = self.memory
         if mem and mem[0].step == step:  # the same state again (a check, then its checkpoint)
             mem[0].state, mem[0].path = clone_state(state, into=mem[0].state), path or mem[0].path
@@ -234,7 +241,8 @@ class RecoveryState:
             mem.insert(0, GoodState(step, clone_state(state, into=reuse), path))
         if path is not None:
             self.last_good = path
-        self.last_target = None
+        if checked:
+            self.last_target = None
 
     def reachable_steps(self, ring: Iterable[Path]) -> list[int]:
         """The iterations of every good state a rollback can still reach: those in memory and the
@@ -252,10 +260,10 @@ class RecoveryState:
 
     def next_action(self, base_seed: int, gradual: bool = False, chains_lagging: bool = False,
                     can_inform: bool = False, remedies: list[dict[str, Any]] = (),
-                    can_rewarm: bool = True, sampling: bool = True) -> RecoveryAction:
+                    can_rewarm: bool = True, sampling: bool = True, classifier: bool = False) -> RecoveryAction:
         """The action of the next restart."""
         return recovery_action(len(self.restarts) + 1, base_seed, gradual, chains_lagging,
-                               can_inform and not self.informative_init, remedies, can_rewarm, sampling)
+                               can_inform and not self.informative_init, remedies, can_rewarm, sampling, classifier)
 
     def effective(self, cfg: Any) -> Any:
         """``cfg`` (a :class:`jemfast.options.config.Config`) with the restarts' config remedies."""
@@ -345,8 +353,10 @@ def restart(rec: RecoveryState, base_seed: int, diverged_at: int, cause: str, mo
     """
     onset = monitor.onset()
     lagging, gradual = sampling and monitor.chains_lagging(onset), monitor.gradual(onset)
+    classifier = monitor.classifier_collapsed(onset)
     action = rec.next_action(base_seed, gradual, lagging, inform is not None,
-                             remedies(lagging) if remedies is not None and sampling else [], can_rewarm, sampling)
+                             remedies(lagging) if remedies is not None and sampling else [], can_rewarm, sampling,
+                             classifier)
     rec.apply(action)
     # A classifier at chance since the start has nothing to lose by going back to the start, and
     # before a gradual collapse's onset it may have been damaged unflagged (measured: the jem recipe
@@ -364,11 +374,13 @@ def restart(rec: RecoveryState, base_seed: int, diverged_at: int, cause: str, mo
         inform()
     if action.reset_buffer:
         reset_buffer()
+    diagnosis = ("sudden blow-up" if not gradual else "chains lagging" if lagging
+                 else "classifier collapsed" if classifier else "gradual collapse")
     event = {"event": "restart", "restart": action.restart, "step": diverged_at, "onset": onset,
-             "rolled_back_to": rolled_back_to, "never_learned": fresh, "cause": cause, "action": action.describe(),
-             "overrides": action.overrides}
+             "rolled_back_to": rolled_back_to, "never_learned": fresh, "cause": cause, "diagnosis": diagnosis,
+             "action": action.describe(), "overrides": action.overrides}
     rec.restarts.append(event)
     where = f"{rolled_back_to} (the earliest kept: the classifier never left chance)" if fresh else rolled_back_to
-    log.warning(f"divergence at iteration {diverged_at} ({cause}; it began after iteration {onset}); "
+    log.warning(f"divergence at iteration {diverged_at} ({cause}; it began after iteration {onset}: {diagnosis}); "
                 f"restart {action.restart}: rolled back to iteration {where}, {action.describe()}")
     return event
