@@ -267,3 +267,18 @@ def test_a_classifier_collapse_with_a_calm_gap_gets_the_lr_not_a_p_x_remedy():
     _, event = _restart_with(LATE_LR, remedies=lambda lagging: remedies)  # through restart(), as the Trainer
     assert (event["diagnosis"], event["onset"], event["overrides"]) == ("classifier collapsed", 120, {})
     assert event["action"] == "seed -> 1001, lr x0.5, lr warm-up again"
+
+
+def test_a_classifier_collapse_that_ends_in_a_blow_up_is_still_gradual():
+    """Measured on late-lr seed 1: the energies blew up in the detecting interval after three
+    intervals of falling accuracy; read as sudden, the restart changed only the seed and the run
+    collapsed again from the same lr."""
+    from jemfast.options.config import StabilityConfig
+    from jemfast.stability.monitor import DivergenceMonitor
+
+    mon = DivergenceMonitor(StabilityConfig(), torch.device("cpu"), n_classes=10)
+    mon.series = [IntervalStats(*row) for row in LATE_LR[:-1]] + [IntervalStats(156, 900.0, 5e4, 0.05)]
+    assert mon.onset() == 120 and mon.gradual(120)
+    learned_then_blew_up = [IntervalStats(s, g, n, 0.9) for s, g, n, _ in LATE_LR[:-1]] + [IntervalStats(156, 900.0, 5e4, 0.05)]
+    mon.series = learned_then_blew_up  # accuracy steady until the blow-up: out of nowhere, sudden
+    assert not mon.gradual(mon.onset())

@@ -233,10 +233,15 @@ class DivergenceMonitor:
         is gradual whatever its onset (those tests read several intervals): right after a rollback
         a collapse that resumes is caught in its first interval, and a new seed with the lr halved
         (a blow-up's answer) would leave the cause in place (measured: original-layout seed 2
-        took that path on restarts 2 and 3, its chains lagging on augmented batches)."""
+        took that path on restarts 2 and 3, its chains lagging on augmented batches). So is a
+        classifier that fell for intervals before the end (:meth:`classifier_collapsed`), even if
+        the energies blow up in the detecting interval (measured: late-lr seed 1, a new seed alone
+        from iteration 120 collapsed again)."""
         if len(self.series) < 2:
             return False
         before, last = self.series[-2], self.series[-1]
+        if onset < before.step and self.classifier_collapsed(onset):
+            return True
         if any(not math.isfinite(b) or b > SUDDEN_GROWTH * max(a, 1e-12)
                for a, b in ((abs(before.gap), abs(last.gap)), (before.grad_norm, last.grad_norm))):
             return False
