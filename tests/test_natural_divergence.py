@@ -74,6 +74,10 @@ def test_the_report_says_whether_a_shortfall_is_the_jems_own_or_the_recoverys(tm
     assert own.startswith("the JEM itself") and "1/1 seeds" in own and "-15.0 to -15.0" in own, own
     assert own.endswith("the defaults -2.0 from it)"), own  # 75 % against the reference's 77 %
     assert why_short(runs(*clf, *short, _row(1, "reference", 0.89))).startswith("the recovery")
+    both_short = [_row(1, "defaults", 0.75), _row(2, "defaults", 0.70)]  # seed 2 has no reference run
+    partial = why_short(runs(*clf, *both_short, _row(1, "reference", 0.77)))
+    assert partial == ("the JEM itself: stable from the start it is short too (1/1 seeds, -15.0 to -15.0 points; "
+                       "the defaults -2.0 from it; seed(s) 2 short too, no reference run)"), partial
     stopped = why_short(runs(*clf, _row(1, "defaults", 0.0, "diverged"), _row(1, "reference", 0.5, "diverged")))
     assert stopped.startswith("the JEM itself") and "-92.0" in stopped  # a stopped run counts as 0
     rows = [*clf, *short, _row(1, "reference", 0.77)]

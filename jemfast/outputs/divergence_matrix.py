@@ -70,18 +70,22 @@ def why_short(runs: dict[tuple[int, str], dict[str, Any]]) -> str:
     short = [s for s, m in runs if m == "defaults" and gap_to_classifier(runs, s) < -TOLERANCE]
     if not short:
         return "—"
-    ref = [gap_to_classifier(runs, s, "reference") for s in short]
-    if any(math.isnan(g) for g in ref):
+    unmeasured = [s for s in short if math.isnan(gap_to_classifier(runs, s, "reference"))]
+    short = [s for s in short if s not in unmeasured]  # judged on the seeds with a reference run
+    if not short:
         return "not measured (no reference run of those seeds)"
+    note = f"; seed(s) {', '.join(map(str, unmeasured))} short too, no reference run" if unmeasured else ""
+    ref = [gap_to_classifier(runs, s, "reference") for s in short]
     itself = [g for g in ref if g < -TOLERANCE]
     if len(itself) == len(short):
         cost = statistics.fmean(gap_to_classifier(runs, s) for s in short) - statistics.fmean(ref)
         return (f"the JEM itself: stable from the start it is short too ({len(itself)}/{len(short)} seeds, "
                 f"{min(itself) * 100:+.1f} to {max(itself) * 100:+.1f} points; the defaults {cost * 100:+.1f} "
-                f"from it)")
+                f"from it{note})")
     if not itself:
-        return f"the recovery: stable from the start the JEM is within 5 points ({len(short)}/{len(short)} seeds)"
-    return f"mixed: stable from the start the JEM is short on {len(itself)} of those {len(short)} seeds too"
+        return (f"the recovery: stable from the start the JEM is within 5 points ({len(short)}/{len(short)} seeds"
+                f"{note})")
+    return f"mixed: stable from the start the JEM is short on {len(itself)} of those {len(short)} seeds too{note}"
 
 
 def _diverged_cell(off: list[dict[str, Any]]) -> str:
