@@ -90,6 +90,7 @@ class Trainer:
         self.sampler = build_sampler(cfg)
         self.sampler.chain_fn(self.device, self.model)  # an unusable --backend fails here, not mid-run
         self.monitor = DivergenceMonitor(cfg.stability, self.device, n_classes)
+        self.monitor.energies = any(w > 0 for w in generative_weights(cfg.loss))
         self.progress = Progress(seed=cfg.run.seed)
         self.recovery = RecoveryState(memory_ring=cfg.stability.snapshot_ring)
         self.run_cfg = cfg  # what the iterations run: cfg with the restarts' config remedies (RecoveryState.effective)
@@ -324,7 +325,7 @@ class Trainer:
                         self.sampler, self.cfg.sampler.n_steps, self.cfg.sampler.step_size, self.buffer.reset,
                         self._inform if can_inform else None,
                         lambda lagging: candidate_remedies(self.run_cfg, lagging, self.data.augments),
-                        sampling=any(w > 0 for w in generative_weights(self.cfg.loss)))
+                        sampling=self.monitor.energies)
         self.run_cfg = rec.effective(self.cfg)
         self.save_checkpoint(restarted=True)  # the restarted state: what --resume continues if the process dies now
         self.metrics.write(event)

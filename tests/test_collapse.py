@@ -282,3 +282,19 @@ def test_a_classifier_collapse_that_ends_in_a_blow_up_is_still_gradual():
     learned_then_blew_up = [IntervalStats(s, g, n, 0.9) for s, g, n, _ in LATE_LR[:-1]] + [IntervalStats(156, 900.0, 5e4, 0.05)]
     mon.series = learned_then_blew_up  # accuracy steady until the blow-up: out of nowhere, sudden
     assert not mon.gradual(mon.onset())
+
+
+def test_a_plain_classifiers_growing_e_real_does_not_date_its_collapse():
+    """Measured on late-lr's --clf-only runs: E(real) (the gap with E(fake) = 0) grew as the
+    classifier learned, the gap signal dated every collapse to iteration 0 and all 5 seeds' restarts
+    went back to the start."""
+    from jemfast.options.config import StabilityConfig
+    from jemfast.stability.monitor import DivergenceMonitor
+
+    rows = [(10 * k, -2.3 * 1.3 ** k, 5.0, min(0.1 + 0.1 * k, 0.8)) for k in range(1, 13)]
+    rows[-2:] = [(110, -40.0, 30.0, 0.3), (120, -60.0, 80.0, 0.1)]  # accuracy falls at 110
+    mon = DivergenceMonitor(StabilityConfig(), torch.device("cpu"), n_classes=10)
+    mon.series = [IntervalStats(*r) for r in rows]
+    assert mon.onset() == 0  # read as energies: |E(real)| above a nat dates it to the start
+    mon.energies = False
+    assert mon.onset() == 100  # the classifier's fall alone dates it

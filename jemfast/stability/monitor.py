@@ -91,6 +91,10 @@ class DivergenceMonitor:
         self.has_acc = False
         self.series: list[IntervalStats] = []  # one entry per passing check, on the host
         self.trend = False  # the last check failed a test that reads several intervals (drift, runaway)
+        # False for a run without a generative term (--clf-only): its "gap" is E(real) alone, which
+        # grows as the classifier learns, so it must not date a collapse (measured on late-lr: every
+        # plain classifier's restart rolled back to iteration 0)
+        self.energies = True
         self._states: dict[int, tuple[torch.Tensor, int, int]] = {}  # step -> (history, seen, len(series))
 
     def observe(self, metrics: dict[str, torch.Tensor], x_fake: torch.Tensor | None) -> None:
@@ -215,7 +219,8 @@ class DivergenceMonitor:
     def onset(self) -> int:
         """The iteration the divergence just detected began at (:func:`jemfast.stability.collapse.onset`);
         when its growth reaches back past the intervals kept, the newest good state before them."""
-        began = collapse_onset(self.series, self.n_classes)
+        series = self.series if self.energies else [dataclasses.replace(s, gap=0.0) for s in self.series]
+        began = collapse_onset(series, self.n_classes)
         if self.series and began < self.series[0].step:
             return max((s for s in self._states if s < self.series[0].step), default=0)
         return began
