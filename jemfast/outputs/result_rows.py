@@ -23,8 +23,8 @@ def read_result_rows(results: Path, missing_ok: bool = False) -> list[dict[str, 
         try:
             row = json.loads(line)
         except ValueError as e:
-            raise UserError(f"{results}:{n} is not a result row ({e}); move it away or pass --overwrite") from None
+            raise UserError(f"{results}:{n} is not a result row ({e}); move it away") from None
         if not isinstance(row, dict):
-            raise UserError(f"{results}:{n} is not a result row (not a JSON object); move it away or pass --overwrite")
+            raise UserError(f"{results}:{n} is not a result row (not a JSON object); move it away")
         rows.append(row)
     return rows
