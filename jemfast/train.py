@@ -324,8 +324,7 @@ class Trainer:
         event = restart(rec, self.cfg.run.seed, p.step, cause, self.monitor, self._roll_back, self._reseed,
                         self.sampler, self.cfg.sampler.n_steps, self.cfg.sampler.step_size, self.buffer.reset,
                         self._inform if can_inform else None,
-                        lambda lagging: candidate_remedies(self.run_cfg, lagging, self.data.augments),
-                        sampling=self.monitor.energies)
+                        lambda lagging: candidate_remedies(self.run_cfg, lagging, self.data.augments))
         self.run_cfg = rec.effective(self.cfg)
         self.save_checkpoint(restarted=True)  # the restarted state: what --resume continues if the process dies now
         self.metrics.write(event)

@@ -133,15 +133,16 @@ def test_never_learned_reads_the_whole_run_and_needs_accuracy():
     assert not never_learned([IntervalStats(10, 0.1, 1.0)], 10)  # accuracy not logged: no judgement
 
 
-def _restart_with(series_rows, **kw):
-    """restart() over good states at 10..80 and a monitor holding ``series_rows`` (``kw``: more of
-    restart's arguments); returns the limit it asked roll_back for and the event."""
+def _restart_with(series_rows, energies=True, **kw):
+    """restart() over good states at 10..80 and a monitor holding ``series_rows`` (``energies``: the
+    monitor's; ``kw``: more of restart's arguments); returns the limit it asked roll_back for and the event."""
     from jemfast.options.config import StabilityConfig
     from jemfast.stability.monitor import DivergenceMonitor
     from jemfast.stability.recovery import restart
 
     mon = DivergenceMonitor(StabilityConfig(), torch.device("cpu"), n_classes=10)
     mon.series = [IntervalStats(*row) for row in series_rows]
+    mon.energies = energies
     rec = RecoveryState(memory_ring=10)
     for step in range(10, 81, 10):
         rec.checkpointed(state(step), None, step)
@@ -198,7 +199,7 @@ def test_a_classifier_without_p_x_gets_the_lr_and_nothing_for_chains_it_does_not
     remedies = lambda lagging: [{"loss.energy_l2": 0.1}]  # noqa: E731
     _, jem = _restart_with(CLF_ONLY_LR, inform=lambda: inform.append(1), remedies=remedies)
     assert inform == [1] and "informative init" in jem["action"]  # a JEM with that gap: its chains lag
-    _, clf = _restart_with(CLF_ONLY_LR, inform=lambda: inform.append(2), remedies=remedies, sampling=False)
+    _, clf = _restart_with(CLF_ONLY_LR, inform=lambda: inform.append(2), remedies=remedies, energies=False)
     assert clf["action"] == "seed -> 1001, lr x0.5, lr warm-up again" and clf["overrides"] == {}
     assert 2 not in inform
     sudden = [recovery_action(k, 7, sampling=False) for k in (1, 2, 3, 4)]

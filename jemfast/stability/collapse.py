@@ -116,22 +116,34 @@ def never_learned(series: list[IntervalStats], n_classes: int | None) -> bool:
     return bool(spans) and max(spans) <= RUNAWAY_ACC / n_classes
 
 
+def _long_accs(series: list[IntervalStats]) -> list[float]:
+    """Per interval: its train accuracy if it is at least :data:`LEARNED_SPAN` iterations long
+    (or the first), else NaN: an epoch end's 1-batch interval can be lucky."""
+    return [s.acc if prev is None or s.step - prev.step >= LEARNED_SPAN else math.nan
+            for prev, s in zip([None] + series[:-1], series)]
+
+
+def _learned_floor(n_classes: int | None) -> float:
+    return max(LEARNED_ACC, 3.0 / n_classes) if n_classes else math.inf
+
+
 def learned_level(series: list[IntervalStats], n_classes: int | None) -> float:
-    """The best train accuracy of the intervals of ``series`` at least :data:`LEARNED_SPAN`
-    iterations long (an epoch end's 1-batch interval can be lucky) if the classifier learned (at
-    least :data:`LEARNED_ACC` and 3x chance), else NaN (also without accuracy or ``n_classes``)."""
-    accs = [s.acc for prev, s in zip([None] + series[:-1], series)
-            if math.isfinite(s.acc) and (prev is None or s.step - prev.step >= LEARNED_SPAN)]
-    if not n_classes or not accs or max(accs) < max(LEARNED_ACC, 3.0 / n_classes):
-        return math.nan
-    return max(accs)
+    """The best train accuracy of the long intervals of ``series`` (:func:`_long_accs`) if the
+    classifier learned (at least :data:`LEARNED_ACC` and 3x chance), else NaN (also without
+    accuracy or ``n_classes``)."""
+    best = max((a for a in _long_accs(series) if math.isfinite(a)), default=math.nan)
+    return best if best >= _learned_floor(n_classes) else math.nan
 
 
-def accuracy_fell(series: list[IntervalStats], j: int, n_classes: int | None) -> bool:
-    """True when interval ``j``'s train accuracy is below :data:`ACC_FALL` x the best of the
-    intervals before it, and that best was learned (:func:`learned_level`)."""
-    best = learned_level(series[:j], n_classes)
-    return math.isfinite(best) and math.isfinite(series[j].acc) and series[j].acc < ACC_FALL * best
+def accuracy_fell(series: list[IntervalStats], n_classes: int | None) -> list[bool]:
+    """Per interval of ``series``: its train accuracy is below :data:`ACC_FALL` x the learned
+    level of the intervals before it (:func:`learned_level`), in one pass."""
+    fell, best, floor = [], math.nan, _learned_floor(n_classes)
+    for s, long_acc in zip(series, _long_accs(series)):
+        fell.append(best >= floor and math.isfinite(s.acc) and s.acc < ACC_FALL * best)
+        if math.isfinite(long_acc):
+            best = long_acc if math.isnan(best) else max(best, long_acc)
+    return fell
 
 
 def onset(series: list[IntervalStats], n_classes: int | None = None) -> int:
@@ -155,12 +167,10 @@ def onset(series: list[IntervalStats], n_classes: int | None = None) -> int:
     def grad_abnormal(before: IntervalStats | None, after: IntervalStats) -> bool:
         return before is not None and _grew(before.grad_norm, after.grad_norm, 0.0)
 
-    def acc_abnormal(j: int) -> bool:
-        return accuracy_fell(series, j, n_classes)
-
+    fell = accuracy_fell(series, n_classes)
     starts = []
     for abnormal in (lambda j: gap_abnormal(series[j - 1] if j else None, series[j]),
-                     lambda j: grad_abnormal(series[j - 1] if j else None, series[j]), acc_abnormal):
+                     lambda j: grad_abnormal(series[j - 1] if j else None, series[j]), fell.__getitem__):
         j = len(series) - 2  # the interval before the detecting one
         while j >= 0 and abnormal(j):
             j -= 1

@@ -259,16 +259,16 @@ class DivergenceMonitor:
         went first, not the chains or the energies (measured on the late-lr setting: accuracy 67 %
         to 9 % in three checks with the gap near 0.3 nats, at an lr of 7e-3 the plain classifier
         collapses at too)."""
-        after = [i for i, s in enumerate(self.series) if s.step > onset]
-        fell = any(accuracy_fell(self.series, i, self.n_classes) for i in after)
-        return fell and all(abs(self.series[i].gap) < DRIFT_FLOOR for i in after[:-1])
+        after = [(s, f) for s, f in zip(self.series, accuracy_fell(self.series, self.n_classes)) if s.step > onset]
+        return any(f for _, f in after) and all(abs(s.gap) < DRIFT_FLOOR for s, _ in after[:-1])
 
     def chains_lagging(self, onset: int = -1) -> bool:
         """True when, in an interval after ``onset``, the energy gap had run away below zero (E(real)
         under E(fake) by more than :data:`jemfast.stability.collapse.DRIFT_FLOOR`): the samples could not
         follow. Not only the last interval: deep in a collapse the gap can swing to the other sign
-        (measured on digits32: -1.9 nats at iteration 20, +24 at 30)."""
-        return any(s.gap < -DRIFT_FLOOR for s in self.series if s.step > onset)
+        (measured on digits32: -1.9 nats at iteration 20, +24 at 30). Never without :attr:`energies`:
+        a plain classifier's "gap" is E(real) against a 0 placeholder."""
+        return self.energies and any(s.gap < -DRIFT_FLOOR for s in self.series if s.step > onset)
 
     def rewind(self, step: int) -> None:
         """The run rolled back to iteration ``step``: forget what came after it. The relative

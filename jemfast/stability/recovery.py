@@ -334,7 +334,7 @@ def restart(rec: RecoveryState, base_seed: int, diverged_at: int, cause: str, mo
             sampler: Any | None, base_n_steps: int, base_step_size: float | None,
             reset_buffer: Callable[[], None], inform: Callable[[], None] | None = None,
             remedies: Callable[[bool], list[dict[str, Any]]] | None = None,
-            can_rewarm: bool = True, sampling: bool = True) -> dict[str, Any]:
+            can_rewarm: bool = True) -> dict[str, Any]:
     """Carry out the next restart of the policy; returns its event (also appended to ``rec.restarts``).
 
     ``monitor`` dates the divergence (:meth:`DivergenceMonitor.onset`) and says whether the
@@ -347,15 +347,15 @@ def restart(rec: RecoveryState, base_seed: int, diverged_at: int, cause: str, mo
     when the action says so; ``remedies(chains_lagging)`` lists the config remedies still open
     to the run (:func:`candidate_remedies`; None: none can apply), which take effect through
     ``rec.overrides`` (:meth:`RecoveryState.effective`); ``can_rewarm``: the run starts its lr
-    warm-up again from ``rec.warmup_from`` when the action says so; ``sampling``: the run samples
-    for a generative term (False: ``--clf-only``, whose E(fake) is a 0 placeholder, so a "gap"
-    below zero is no lagging chain). Logs one warning line.
+    warm-up again from ``rec.warmup_from`` when the action says so. A run whose monitor sees no
+    energies (:attr:`DivergenceMonitor.energies` False: ``--clf-only``) gets the actions of a run
+    without sampling. Logs one warning line.
     """
     onset = monitor.onset()
-    lagging, gradual = sampling and monitor.chains_lagging(onset), monitor.gradual(onset)
+    lagging, gradual = monitor.chains_lagging(onset), monitor.gradual(onset)
     classifier = monitor.classifier_collapsed(onset)
     action = rec.next_action(base_seed, gradual, lagging, inform is not None,
-                             remedies(lagging) if remedies is not None and sampling else [], can_rewarm, sampling,
+                             remedies(lagging) if remedies is not None else [], can_rewarm, monitor.energies,
                              classifier)
     rec.apply(action)
     # A classifier at chance since the start has nothing to lose by going back to the start, and
