@@ -20,9 +20,9 @@ from .build import seed_all
 from .options.config import Config, StabilityConfig, check_value
 from .process.errors import DivergenceExhausted
 from .process.log import get_logger
-from .rundir.checkpoint import atomic_save
 from .sgld.chain_init import ClassGaussians
 from .sgld.reservoir import ClassReservoir
+from .stability.guard_files import FILE_FORMAT, GuardFiles
 from .stability.inject import inject_divergence
 from .stability.loop_inputs import OriginalInit, device_of, device_scalar, stability_config
 from .stability.monitor import DivergenceMonitor
@@ -31,7 +31,6 @@ from .stability.recovery import (RecoveryAction, RecoveryState, candidate_remedi
 from .step import gradient_norm
 
 log = get_logger(__name__)
-FILE_FORMAT = 1  # of the guard-ITERATION.pt files and of Guard.state_dict()
 RESERVOIR_PER_CLASS = 500  # images per class kept for the informative init (jemfast.sgld.reservoir)
 
 
@@ -42,7 +41,7 @@ class Guard:
 
         guard = jemfast.Guard(model, optimizer, replay_buffer, sampler, n_classes=10, warmup_iters=20)
         # in the loop, after optimizer.step():
-        if guard.step(loss, e_real=e_real, e_fake=e_fake, x_fake=x_fake, x=x_lab, y=y_lab):
+        if guard.step(loss, e_real=e_real, e_fake=e_fake, x_fake=x_fake, x=x_lab, y=y_lab, logits=logits):
             continue  # diverged: model, optimizer and buffer are back at a good state, the remedy applied
 
     Arguments:
@@ -116,7 +115,6 @@ class Guard:
         self.base_n_steps = int(sampler.n_steps) if sampler is not None else 0
         self.base_step_size = float(sampler.step_size) if hasattr(sampler, "step_size") else None
         self.device = device_of(model, buffer)
-        self.monitor = DivergenceMonitor(self.cfg, self.device)
         self.recovery = RecoveryState(memory_ring=self.cfg.snapshot_ring)
         if n_classes is None:  # the swapped sample_q's args, or args itself
             n_classes = getattr(getattr(sampler, "args", sampler), "n_classes", None)
@@ -125,6 +123,7 @@ class Guard:
             if value is not None and (isinstance(value, bool) or int(value) != value or value < lo):
                 raise ValueError(f"Guard: {name} must be an integer >= {lo}, got {value!r}")
         self.n_classes = None if n_classes is None else int(n_classes)
+        self.monitor = DivergenceMonitor(self.cfg, self.device, self.n_classes)
         self.reservoir_per_class = int(reservoir_per_class)
         self.warmup_iters = int(warmup_iters)
         self._ramp: int | None = None  # iterations into a warm-up a restart started again (None: none running)
@@ -133,15 +132,15 @@ class Guard:
         self.hooks: set[str] = set()  # the remedies this loop applies (it called energy_penalty, read px_augment)
         self.iteration = 0
         self.out = Path(out) if out is not None else None
-        if self.out is not None:
-            self._clear_out()
+        self.files = GuardFiles(self.out, self.cfg.good_ring) if self.out is not None else None
         self.mark_good()  # iteration 0: the first rollback target
 
     # ---- the loop --------------------------------------------------------------------------
     def step(self, loss: torch.Tensor | float, *, e_real: torch.Tensor | float | None = None,
              e_fake: torch.Tensor | float | None = None, x_fake: torch.Tensor | None = None,
              grad_norm: torch.Tensor | float | None = None, x: torch.Tensor | None = None,
-             y: torch.Tensor | None = None) -> bool:
+             y: torch.Tensor | None = None, logits: torch.Tensor | None = None,
+             acc: torch.Tensor | float | None = None) -> bool:
         """Record one iteration; every ``check_every``-th call check it. True: it rolled back.
 
         ``loss``, ``e_real``, ``e_fake`` (mean energies of the real and sampled batch, or mean
@@ -151,7 +150,11 @@ class Guard:
         before zeroing the gradients); an fp16 GradScaler loop, whose skipped steps have
         non-finite gradients by design, passes its own (0.0 leaves the gradient test out).
         ``x: Tensor[B, *shape]`` with labels ``y: Tensor[B]``: a labelled batch of real images as the
-        chains see them (as :meth:`add_data`). No host sync except at a check.
+        chains see them (as :meth:`add_data`). ``logits: Tensor[B, n_classes]``: the classifier's
+        logits of that batch (the p(y|x) term's), or ``acc``: its train accuracy (a fraction, as
+        ``jem_loss``'s ``terms["acc"]``): with it a check sees the classifier collapse, dates the
+        collapse from the accuracy's fall, and a collapse with calm energies gets an lr cut rather
+        than a p(x) remedy (as in ``jemfast.train``). No host sync except at a check.
         """
         if x is not None:
             self.add_data(x, y)
@@ -159,6 +162,13 @@ class Guard:
         metrics = {"loss": device_scalar(loss, dev), "e_real": device_scalar(e_real, dev),
                    "e_fake": device_scalar(e_fake, dev),
                    "grad_norm": gradient_norm(self.model, dev) if grad_norm is None else device_scalar(grad_norm, dev)}
+        if logits is not None or acc is not None:
+            if self.n_classes is None or (logits is not None and (y is None or acc is not None)):
+                raise ValueError("Guard: a train accuracy needs n_classes (its chance level), and logits need "
+                                 "the labels y (pass logits or acc, not both)")
+            if logits is not None:
+                acc = (logits.detach().argmax(1) == y.to(logits.device)).float().mean()
+            metrics["acc"] = device_scalar(acc, dev)
         self.monitor.observe(metrics, None if x_fake is None else x_fake.detach().to(dev))
         self.iteration += 1
         if self._ramp is not None:  # the next iteration's lr
@@ -195,10 +205,10 @@ class Guard:
         :meth:`load_state_dict` do; a healthy check does)."""
         state = {"format": FILE_FORMAT, "iteration": self.iteration, "model": self.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "buffer": self._buffer_state()}
-        path = self._write(state) if self.out is not None else None
+        path = self.files.write(state, self.iteration) if self.files is not None else None
         self.recovery.checkpointed(state, path, self.iteration)
         self.monitor.mark_healthy(self.iteration)
-        self.monitor.keep_states(self.recovery.reachable_steps(self._ring() if self.out is not None else []))
+        self.monitor.keep_states(self.recovery.reachable_steps(self._ring()))
 
     # ---- what the remedies need from the loop ---------------------------------------------------
     def add_data(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -307,7 +317,7 @@ class Guard:
         self.recovery.restarts = copy.deepcopy(list(state["restarts"]))
         self.recovery.set_sampler(self.sampler, self.base_n_steps, self.base_step_size)
         if state.get("n_classes") is not None:
-            self.n_classes = int(state["n_classes"])
+            self.n_classes = self.monitor.n_classes = int(state["n_classes"])
         self.hooks = set(state.get("hooks", ()))
         self._ramp = state.get("ramp")
         if state.get("monitor") is not None:
@@ -325,8 +335,7 @@ class Guard:
     def _roll_back(self, limit: int, action: RecoveryAction) -> int:
         """Restore the newest good state at or before iteration ``limit`` (memory, or ``out``:
         any error reading a file there, a torn or foreign one, goes further back)."""
-        ring = self._ring() if self.out is not None else []
-        step, state = choose_target(self.recovery.memory, ring, limit, self._read, (Exception,))
+        step, state = choose_target(self.recovery.memory, self._ring(), limit, self._read, (Exception,))
         self._scale_lr(1.0 / self._ramp_factor())  # a warm-up under way ends: the lr it ramps to
         self._ramp = None
         self._restore(state, action.lr_factor)
@@ -334,9 +343,8 @@ class Guard:
             self._ramp = 0
             self._scale_lr(self._ramp_factor())
         self.monitor.rewind(step)
-        for path in ring:  # the states after it belong to the abandoned run
-            if state_step(path) > step:
-                path.unlink(missing_ok=True)
+        if self.files is not None:  # the states after it belong to the abandoned run
+            self.files.drop_after(step, state_step)
         return step
 
     def _restore(self, state: dict[str, Any], lr_factor: float) -> int:
@@ -396,34 +404,8 @@ class Guard:
         return None if self.buffer is None else self.buffer.state_dict()
 
     def _ring(self) -> list[Path]:
-        """The good-state files in ``out``, newest first."""
-        return sorted(self.out.glob("guard-*.pt"), reverse=True)
-
-    def _write(self, state: dict[str, Any]) -> Path:
-        path = self.out / f"guard-{self.iteration:09d}.pt"
-        atomic_save(state, path)
-        for old in self._ring()[self.cfg.good_ring:]:
-            old.unlink(missing_ok=True)
-        return path
+        """The good-state files in ``out``, newest first (none without ``out``)."""
+        return self.files.ring() if self.files is not None else []
 
     def _read(self, path: Path) -> dict[str, Any]:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("format") != FILE_FORMAT:
-            raise ValueError("not a good state of this jemfast Guard")
-        live = self.model.state_dict()
-        if {k: tuple(v.shape) for k, v in state["model"].items()} != {k: tuple(v.shape) for k, v in live.items()}:
-            raise ValueError("its model does not match this model")
-        saved = state["buffer"]["data"] if isinstance(state["buffer"], dict) else state["buffer"]
-        current = self._buffer_state()
-        current = current["data"] if isinstance(current, dict) else current
-        if (saved is None) != (current is None) or (saved is not None and saved.shape != current.shape):
-            raise ValueError("its buffer does not match this buffer")
-        return state
-
-    def _clear_out(self) -> None:
-        """Remove what an earlier guard left in ``out`` (its states are not this run's)."""
-        stale = list(self.out.glob("guard-*.pt")) + list(self.out.glob(".guard-*.tmp"))
-        for path in stale:
-            path.unlink(missing_ok=True)
-        if stale:
-            log.info(f"removed {len(stale)} good state file(s) an earlier Guard left in {self.out}")
+        return GuardFiles.read(path, self.model.state_dict(), self._buffer_state())

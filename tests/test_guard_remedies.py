@@ -219,3 +219,49 @@ def test_labelled_batches_need_the_number_of_classes():
         guard.step(torch.tensor(1.0), x=torch.zeros(2, 4), y=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="reservoir_per_class must be an integer >= 2"):
         jemfast.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), reservoir_per_class=1)
+    for bad in ({"logits": torch.zeros(2, 3), "y": torch.tensor([0, 1])}, {"acc": 0.5}):
+        with pytest.raises(ValueError, match="a train accuracy needs n_classes"):
+            guard.step(torch.tensor(1.0), **bad)
+    with pytest.raises(ValueError, match="logits need the labels y"):
+        jemfast.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), n_classes=3).step(
+            torch.tensor(1.0), logits=torch.zeros(2, 3))
+
+
+# A late collapse of the classifier as late-lr measured it (tests/test_collapse.py): 10-iteration
+# intervals of (E(real) - E(fake), grad norm, train accuracy); the gap stays calm while the
+# accuracy falls from 67 % (the interval ending at 70) to chance.
+LATE = [(0.1, 2, 0.14), (0.09, 9, 0.24), (0.08, 6, 0.32), (0.1, 6, 0.45), (0.19, 7, 0.53), (0.18, 7.8, 0.6),
+        (0.3, 4.5, 0.67), (0.28, 15, 0.37), (0.28, 17, 0.25), (0.24, 33, 0.09), (0.3, 60, 0.05)]
+
+
+def logits_with_accuracy(acc: float, n: int = 200, c: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-hot logits ``[n, c]`` and labels ``[n]``: the first ``acc * n`` right, the rest wrong."""
+    y = torch.arange(n) % c
+    pred = torch.where(torch.arange(n) < round(acc * n), y, (y + 1) % c)
+    return F.one_hot(pred, c).float(), y
+
+
+@pytest.mark.parametrize("given", ["logits", "acc", "nothing"])
+def test_the_classifiers_accuracy_lets_the_guard_see_and_treat_a_late_collapse(given):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 10)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    guard = jemfast.Guard(model, opt, n_classes=10, check_every=10, seed=7)
+    rolled_back = []
+    for gap, grad_norm, acc in LATE:
+        for _ in range(10):
+            logits, y = logits_with_accuracy(acc)
+            seen = {"logits": {"logits": logits, "y": y}, "acc": {"acc": torch.tensor(acc)}, "nothing": {}}[given]
+            rolled_back.append(guard.step(torch.tensor(1.0), e_real=torch.tensor(gap), e_fake=torch.tensor(0.0),
+                                          grad_norm=grad_norm, **seen))
+    if given == "nothing":  # the energies and gradients alone never flag it: the run goes on at chance
+        assert not any(rolled_back) and guard.restarts == [] and opt.param_groups[0]["lr"] == 1e-2
+        return
+    event = guard.restarts[0]
+    assert rolled_back.index(True) == 109 and event["cause"] == "train accuracy fell to chance"
+    assert (event["onset"], event["diagnosis"], event["overrides"]) == (70, "classifier collapsed", {})
+    assert event["rolled_back_to"] <= 70 and opt.param_groups[0]["lr"] == pytest.approx(5e-3)
+    saved = guard.state_dict()  # the accuracy rules survive a resume: n_classes with the monitor
+    again = jemfast.Guard(model, opt, check_every=10, seed=7)
+    again.load_state_dict(saved)
+    assert again.monitor.n_classes == 10 and again.monitor.series == guard.monitor.series
