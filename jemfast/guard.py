@@ -22,7 +22,7 @@ from .process.errors import DivergenceExhausted
 from .process.log import get_logger
 from .sgld.chain_init import ClassGaussians
 from .sgld.reservoir import ClassReservoir
-from .stability.guard_files import FILE_FORMAT, GuardFiles
+from .guard_files import FILE_FORMAT, GuardFiles
 from .stability.inject import inject_divergence
 from .stability.loop_inputs import OriginalInit, device_of, device_scalar, stability_config
 from .stability.monitor import DivergenceMonitor

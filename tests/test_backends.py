@@ -24,38 +24,11 @@ import pytest
 import torch
 
 from jemfast.energy import JEM
-from jemfast.models import SmallCNN
 from jemfast.process.errors import UserError
 from jemfast.sgld import SGLD, ChainSpec, make_chain, reference_chain, resolve_backend, sampling_mode, unavailable
 from jemfast.sgld.compiled import CompiledChain
-from jemfast.sgld.fused import FusedChain
 
-B, SHAPE, STEPS, ALPHA, SIGMA = 64, (1, 8, 8), 20, 1.0, 0.01
-ATOL = 1e-4
-
-
-def _model(seed: int = 0) -> JEM:
-    torch.manual_seed(seed)
-    model = JEM(SmallCNN(1, 10, hidden=8))
-    with torch.no_grad():  # larger logits -> larger energy gradients -> the chain really moves
-        model.classifier.head.weight.mul_(20.0)
-    return model
-
-
-def _x(seed: int = 1) -> torch.Tensor:
-    return torch.rand((B, *SHAPE), generator=torch.Generator().manual_seed(seed)) * 2 - 1
-
-
-def _run(chain, model, x, y=None, noise=0.0, clamp=False, steps=STEPS):
-    with sampling_mode(model):
-        return chain(model, x, y, ChainSpec(steps, ALPHA, noise, clamp))
-
-
-def _fused_or_skip() -> FusedChain:
-    why = unavailable("fused", "cpu")
-    if why:
-        pytest.skip(f"fused backend unavailable on the CPU here: {why}")
-    return FusedChain()
+from tests.backend_helpers import ALPHA, ATOL, B, SHAPE, SIGMA, chain_input, check_noise_stats, run_chain, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +37,6 @@ def compiled():
         pytest.skip(unavailable("compile", "cpu"))
     return CompiledChain(torch.device("cpu"))
 
-
-def _check_noise_stats(out: torch.Tensor, ref_noisy: torch.Tensor, ref_clean: torch.Tensor) -> None:
-    d, d_ref = out - ref_clean, ref_noisy - ref_clean
-    n = d.numel()
-    assert d_ref.std() > 0.5 * SIGMA  # the noise is really there
-    assert abs(d.mean().item()) < 5 * d_ref.std().item() / n ** 0.5
-    assert abs(d.std().item() / d_ref.std().item() - 1) < 0.06
 
 
 # ---- resolution --------------------------------------------------------------------------
@@ -91,7 +57,8 @@ def test_auto_on_cpu_picks_reference_and_logs_why_once():
     handler.emit = records.append
     logger = logging.getLogger("jemfast.sgld.backends")
     logger.addHandler(handler)
-    old_level, logger.level = logger.level, logging.INFO
+    old_level = logger.level
+    logger.setLevel(logging.INFO)  # not `logger.level =`: that skips the isEnabledFor cache a logged run filled
     try:
         _said.discard(("auto", "cpu", "small", "fp32", "reference"))
         got = [make_chain("auto", torch.device("cpu"), n_params=1000)[1] for _ in range(2)]
@@ -144,52 +111,52 @@ def test_auto_takes_the_first_matching_rule_and_falls_back_saying_why(monkeypatc
 
 # ---- compile -----------------------------------------------------------------------------
 def test_compile_matches_reference_without_noise(compiled):
-    model, x = _model(), _x()
-    ref = _run(reference_chain, model, x)
-    out = _run(compiled, model, x)
+    model, x = tiny_model(), chain_input()
+    ref = run_chain(reference_chain, model, x)
+    out = run_chain(compiled, model, x)
     assert (ref - x).abs().max() > 0.05  # the chain moved
     assert out.shape == x.shape and out.dtype == torch.float32 and out.is_contiguous()
     torch.testing.assert_close(out, ref, rtol=0, atol=ATOL)
 
 
 def test_compile_noise_statistics_match_reference(compiled):
-    model, x = _model(), _x()
-    clean = _run(reference_chain, model, x)
+    model, x = tiny_model(), chain_input()
+    clean = run_chain(reference_chain, model, x)
     torch.manual_seed(5)
-    ref_noisy = _run(reference_chain, model, x, noise=SIGMA)
+    ref_noisy = run_chain(reference_chain, model, x, noise=SIGMA)
     torch.manual_seed(6)
-    _check_noise_stats(_run(compiled, model, x, noise=SIGMA), ref_noisy, clean)
+    check_noise_stats(run_chain(compiled, model, x, noise=SIGMA), ref_noisy, clean)
 
 
 def test_compile_follows_the_reference_noise_stream_on_cpu(compiled):
     """On the CPU the compile backend draws its noise eagerly in the reference's order, so with
     the same seed the noisy chains agree too (same tolerance as without noise)."""
-    model, x = _model(), _x()
+    model, x = tiny_model(), chain_input()
     torch.manual_seed(5)
-    ref = _run(reference_chain, model, x, noise=SIGMA)
+    ref = run_chain(reference_chain, model, x, noise=SIGMA)
     torch.manual_seed(5)
-    torch.testing.assert_close(_run(compiled, model, x, noise=SIGMA), ref, rtol=0, atol=ATOL)
+    torch.testing.assert_close(run_chain(compiled, model, x, noise=SIGMA), ref, rtol=0, atol=ATOL)
 
 
 def test_compile_reads_parameters_live(compiled):
     """An in-place (optimizer-style) parameter update is seen by the next call, no recompile."""
-    model, x = _model(), _x()
-    _run(compiled, model, x, steps=2)
+    model, x = tiny_model(), chain_input()
+    run_chain(compiled, model, x, steps=2)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.1).add_(0.01)
-    torch.testing.assert_close(_run(compiled, model, x), _run(reference_chain, model, x), rtol=0, atol=ATOL)
+    torch.testing.assert_close(run_chain(compiled, model, x), run_chain(reference_chain, model, x), rtol=0, atol=ATOL)
 
 
 def test_compile_class_conditional_matches_reference(compiled):
-    model, x = _model(), _x()
+    model, x = tiny_model(), chain_input()
     y = torch.arange(B) % 10
-    ref = _run(reference_chain, model, x, y=y)
-    torch.testing.assert_close(_run(compiled, model, x, y=y), ref, rtol=0, atol=ATOL)
+    ref = run_chain(reference_chain, model, x, y=y)
+    torch.testing.assert_close(run_chain(compiled, model, x, y=y), ref, rtol=0, atol=ATOL)
 
 
 def test_compile_leaves_grads_mode_and_input_alone(compiled):
-    model, x = _model(), _x()
+    model, x = tiny_model(), chain_input()
     model.train()
     with torch.no_grad():
         next(model.parameters()).grad = torch.full_like(next(model.parameters()), 3.0)
@@ -212,7 +179,7 @@ def test_compile_samples_train_mode_batch_norm_and_leaves_its_statistics(compile
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
                               torch.nn.Linear(4 * 36, 10))
-    model, x = JEM(net), _x()
+    model, x = JEM(net), chain_input()
     with torch.no_grad():
         net[1].running_mean.fill_(0.5)
     before = copy.deepcopy(net[1].state_dict())
@@ -229,171 +196,13 @@ def test_compile_samples_train_mode_batch_norm_and_leaves_its_statistics(compile
         assert torch.equal(v, before[k]), k
 
 
-# ---- fused (Triton interpreter on the CPU) ---------------------------------------------
-@pytest.mark.parametrize("clamp", [False, True])
-def test_fused_matches_reference_without_noise(clamp):
-    chain = _fused_or_skip()
-    model, x = _model(), _x()
-    y = torch.arange(B) % 10
-    for yy in (None, y):
-        ref = _run(reference_chain, model, x, y=yy, clamp=clamp)
-        torch.testing.assert_close(_run(chain, model, x, y=yy, clamp=clamp), ref, rtol=0, atol=ATOL)
-
-
-def test_fused_noise_statistics_and_fresh_noise():
-    chain = _fused_or_skip()
-    model, x = _model(), _x()
-    clean = _run(reference_chain, model, x)
-    torch.manual_seed(5)
-    ref_noisy = _run(reference_chain, model, x, noise=SIGMA)
-    torch.manual_seed(6)
-    a = _run(chain, model, x, noise=SIGMA)
-    assert chain.rng_state[1].item() == STEPS * x.numel()  # Philox offset advanced on the device
-    b1, b2 = (_run(chain, model, x, noise=SIGMA, steps=1) for _ in range(2))
-    assert not torch.equal(b1, b2)  # fresh noise on every call
-    _check_noise_stats(a, ref_noisy, clean)
-
-
-def test_fused_keeps_a_channels_last_chain_channels_last():
-    chain = _fused_or_skip()
-    torch.manual_seed(0)
-    model = JEM(SmallCNN(3, 10, hidden=8))
-    x = (torch.rand(8, 3, 8, 8) * 2 - 1).contiguous(memory_format=torch.channels_last)
-    assert not x.is_contiguous()
-    ref = _run(reference_chain, model, x, clamp=True, steps=5)
-    out = _run(chain, model, x, clamp=True, steps=5)
-    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
-    assert (ref - x).abs().max() > 1e-3
-    torch.testing.assert_close(out, ref, rtol=0, atol=ATOL)
-    sampler = SGLD(n_steps=5, step_size=ALPHA, noise_std=0.0, backend="fused", clamp=True, channels_last=True)
-    out = sampler.run(model, x.contiguous())  # an NCHW start (as the buffer gives) runs channels-last
-    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
-    torch.testing.assert_close(out, ref, rtol=0, atol=ATOL)
-
-
-def test_fused_leaves_grads_and_input_alone():
-    chain = _fused_or_skip()
-    model, x = _model(), _x()
-    x0 = x.clone()
-    _run(chain, model, x, steps=2, noise=SIGMA)
-    assert torch.equal(x, x0)
-    assert all(p.grad is None for p in model.parameters())
-
-
-def test_fused_sgld_state_dict_resumes_the_noise_stream_bit_for_bit():
-    _fused_or_skip()
-    model, x = _model(), _x()
-    sampler = SGLD(n_steps=2, step_size=ALPHA, noise_std=SIGMA, backend="fused")
-    assert sampler.state_dict() == {"n_steps": 2, "rng_state": None}
-    sampler.run(model, x)
-    state = sampler.state_dict()
-    assert state["rng_state"][1].item() == 2 * x.numel()
-    a = sampler.run(model, x)
-    rng = sampler._chain.rng_state
-    sampler.load_state_dict(state)
-    assert sampler._chain.rng_state is rng  # loaded in place (a captured graph holds its address)
-    assert torch.equal(sampler.run(model, x), a)
-    fresh = SGLD(n_steps=1, step_size=ALPHA, noise_std=SIGMA, backend="fused")
-    fresh.load_state_dict(state)  # before its chain exists
-    assert fresh.n_steps == 2 and torch.equal(fresh.state_dict()["rng_state"], state["rng_state"])
-    assert torch.equal(fresh.run(model, x), a)
-
-
-def test_fused_sgld_reseed():
-    _fused_or_skip()
-    model, x = _model(), _x()
-    sampler = SGLD(n_steps=1, step_size=ALPHA, noise_std=SIGMA, backend="fused")
-    sampler.reseed(123)  # before the chain exists
-    c = sampler.run(model, x)
-    sampler.reseed(123)
-    d = sampler.run(model, x)
-    sampler.reseed(124)
-    e = sampler.run(model, x)
-    assert torch.equal(c, d) and not torch.equal(c, e)
-    assert sampler.state_dict()["rng_state"].tolist() == [124, x.numel()]
-
-
-def test_reference_sgld_state_has_no_kernel_stream():
-    sampler = SGLD(n_steps=3)
-    sampler.reseed(5)
-    assert sampler.state_dict() == {"n_steps": 3, "rng_state": None}
-    sampler.load_state_dict({"n_steps": 6})
-    assert sampler.n_steps == 6
-
-
-# ---- graph: the pieces that need no CUDA --------------------------------------------------
-def test_capture_key_follows_float_settings_and_parameter_layout():
-    from jemfast.sgld.graph import capture_key
-
-    model, x = _model(), _x()
-    spec = ChainSpec(STEPS, ALPHA, SIGMA)
-    base = capture_key(model, x, None, spec)
-    assert capture_key(model, x, None, spec) == base
-    assert capture_key(model, x, None, ChainSpec(STEPS, ALPHA, SIGMA, True)) != base
-    assert capture_key(model, x, torch.arange(B) % 10, spec) != base
-    assert capture_key(model, x[:8], None, spec) != base
-    x3 = torch.rand(B, 3, 8, 8)  # (1-channel images are both layouts at once)
-    assert (capture_key(model, x3.contiguous(memory_format=torch.channels_last), None, spec)
-            != capture_key(model, x3, None, spec))
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    saved = (matmul.allow_tf32, cudnn.allow_tf32, torch.get_float32_matmul_precision())
-    saved_new_api = getattr(matmul, "fp32_precision", None)  # torch >= 2.9 mirrors the flags here
-    try:
-        matmul.allow_tf32 = not saved[0]
-        assert capture_key(model, x, None, spec) != base
-        matmul.allow_tf32 = saved[0]
-        cudnn.allow_tf32 = not saved[1]
-        assert capture_key(model, x, None, spec) != base
-        cudnn.allow_tf32 = saved[1]
-        torch.set_float32_matmul_precision("medium")
-        assert capture_key(model, x, None, spec) != base
-    finally:
-        matmul.allow_tf32, cudnn.allow_tf32 = saved[:2]
-        torch.set_float32_matmul_precision(saved[2])
-        if saved_new_api is not None:
-            matmul.fp32_precision = saved_new_api
-    assert capture_key(model, x, None, spec) == base
-    model.to(memory_format=torch.channels_last)  # same values and shapes, other strides
-    assert capture_key(model, x, None, spec) != base
-    model.to(memory_format=torch.contiguous_format)
-    assert capture_key(model, x, None, spec) == base
-    model.double()
-    assert capture_key(model, x, None, spec) != base
-
-
-def test_graph_chain_evicts_least_recently_used_and_copies_without_grad(monkeypatch):
-    from jemfast.sgld import graph
-
-    captured = []
-
-    class FakeGraph:
-        def replay(self) -> None:
-            pass
-
-    def fake_capture(self, model, x, y, spec, key, storage):
-        captured.append(spec.n_steps)
-        return graph._Captured(FakeGraph(), torch.zeros(x.shape), None, storage)
-
-    monkeypatch.setattr(graph.GraphChain, "_capture", fake_capture)
-    chain = graph.GraphChain(torch.device("cpu"), max_graphs=3)
-    model, x = _model(), _x().requires_grad_(True)
-    for n in (1, 2, 3, 1, 4, 2):
-        out = chain(model, x, None, ChainSpec(n, ALPHA, 0.0))
-    assert captured == [1, 2, 3, 4, 2]  # 1 was reused; 4 evicted 2 (least recently used), 2 evicted 3
-    assert [key[5].n_steps for key in chain.graphs] == [1, 4, 2]
-    assert not out.requires_grad and torch.equal(out, x.detach())
-    assert all(not cap.x.requires_grad for cap in chain.graphs.values())
-    chain.clear()
-    assert not chain.graphs
-
-
 def test_bf16_weights_cast_once_match_autocast_per_step():
     """graph's cast-once path (bf16 copies of conv/linear weights + functional_call) computes
     what per-op autocast computes."""
     from jemfast.sgld import sgld_chain
     from jemfast.sgld.graph import lowp_params
 
-    model, x = _model(), _x()
+    model, x = tiny_model(), chain_input()
     params = lowp_params(model, torch.bfloat16)
     assert set(params) == {n for n, _ in model.named_parameters()}  # SmallCNN: convs and a linear
     assert all(t.dtype == torch.bfloat16 for t in params.values())
@@ -415,11 +224,11 @@ def test_compiled_train_step_matches_eager(tiny_cfg):
     results = []
     for compile_ in (False, True):
         cfg = tiny_cfg(run__compile=compile_, sampler__backend="reference")
-        model = _model()
+        model = tiny_model()
         opt = build_optimizer(cfg, model)
         torch.manual_seed(7)
         buffer = ReplayBuffer(64, SHAPE)
-        x, y = _x(2)[:16], torch.arange(16) % 10
+        x, y = chain_input(2)[:16], torch.arange(16) % 10
         outs = [train_step(cfg, model, opt, SGLD(n_steps=3), buffer, x, y, 10) for _ in range(2)]
         results.append((outs, copy.deepcopy(model.state_dict())))
     (eager, p_eager), (comp, p_comp) = results

@@ -135,7 +135,7 @@ def test_an_arrow_up_or_sideways_is_named():
     assert [b for b in bad if b.startswith(("jemfast.stability.monitor ", "jemfast.step ", "jemfast.rundir.checkpoint ",
                                             "jemfast.outputs.plots "))] == [
         "jemfast.rundir.checkpoint (rundir/, row 7) -> jemfast.distributed.ranks (distributed/, row 8): up",
-        "jemfast.stability.monitor (stability/, row 6) -> jemfast.train (train.py, row 10): up",
+        "jemfast.stability.monitor (stability/, row 6) -> jemfast.train (train.py, row 11): up",
         "jemfast.step (step.py, row 5) -> jemfast.build (build.py, row 5): sideways, in one row",
     ]
 

@@ -10,8 +10,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..process.log import get_logger
-from ..rundir.checkpoint import atomic_save
+from .process.log import get_logger
+from .rundir.checkpoint import atomic_save
 
 log = get_logger(__name__)
 FILE_FORMAT = 1  # of the guard-ITERATION.pt files and of Guard.state_dict()
