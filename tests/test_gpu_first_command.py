@@ -13,7 +13,6 @@ benchmark workloads, ``JEMFAST_NO_INSTALL=1`` without installing. Shown:
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 

@@ -6,8 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jemfast import SGLD, jem_loss
-from jemfast.build import build_buffer, build_optimizer, build_sampler
-from jemfast.data import load_data
+from jemfast.build import build_optimizer, build_sampler
 from jemfast.energy import JEM
 from jemfast.options.config import Config, apply_preset
 from jemfast.rundir.checkpoint import read_checkpoint
