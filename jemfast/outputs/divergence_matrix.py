@@ -65,17 +65,27 @@ def gap_to_classifier(runs: dict[tuple[int, str], dict[str, Any]], seed: int, mo
 
 def why_short(runs: dict[tuple[int, str], dict[str, Any]]) -> str:
     """Why the setting's defaults runs that end more than 5 points short of clf-only do, measured
-    by the same seeds' ``reference`` runs (the JEM made stable from the start): short too, the JEM
-    itself falls short at this network and schedule; within 5 points, the recovery cost it."""
+    by the same seeds' ``reference`` runs (the JEM made stable from the start; a defaults run
+    that never restarted is one itself): short too, the JEM itself falls short at this network and
+    schedule; within 5 points, the recovery cost it."""
     short = [s for s, m in runs if m == "defaults" and gap_to_classifier(runs, s) < -TOLERANCE]
     if not short:
         return "—"
-    unmeasured = [s for s in short if math.isnan(gap_to_classifier(runs, s, "reference"))]
+    # a defaults run that never restarted was stable from the start: it is its own reference
+    unrestarted = [s for s in short if runs[s, "defaults"]["status"] == "finished"
+                   and runs[s, "defaults"]["restarts"] == 0 and (s, "reference") not in runs]
+
+    def reference_gap(seed: int) -> float:
+        return gap_to_classifier(runs, seed, "defaults" if seed in unrestarted else "reference")
+
+    unmeasured = [s for s in short if math.isnan(reference_gap(s))]
     short = [s for s in short if s not in unmeasured]  # judged on the seeds with a reference run
     if not short:
         return "not measured (no reference run of those seeds)"
     note = f"; seed(s) {', '.join(map(str, unmeasured))} short too, no reference run" if unmeasured else ""
-    ref = [gap_to_classifier(runs, s, "reference") for s in short]
+    if unrestarted:
+        note += f"; seed(s) {', '.join(map(str, unrestarted))} never restarted: the run is its own reference"
+    ref = [reference_gap(s) for s in short]
     itself = [g for g in ref if g < -TOLERANCE]
     if len(itself) == len(short):
         cost = statistics.fmean(gap_to_classifier(runs, s) for s in short) - statistics.fmean(ref)
