@@ -27,7 +27,7 @@ from .stability.inject import inject_divergence
 from .stability.loop_inputs import OriginalInit, device_of, device_scalar, stability_config
 from .stability.monitor import DivergenceMonitor
 from .stability.recovery import (RecoveryAction, RecoveryState, candidate_remedies, choose_target, clone_state,
-                                 restart, state_step)
+                                 drop_states_after, restart)
 from .step import gradient_norm
 
 log = get_logger(__name__)
@@ -163,9 +163,10 @@ class Guard:
                    "e_fake": device_scalar(e_fake, dev),
                    "grad_norm": gradient_norm(self.model, dev) if grad_norm is None else device_scalar(grad_norm, dev)}
         if logits is not None or acc is not None:
-            if self.n_classes is None or (logits is not None and (y is None or acc is not None)):
-                raise ValueError("Guard: a train accuracy needs n_classes (its chance level), and logits need "
-                                 "the labels y (pass logits or acc, not both)")
+            if self.n_classes is None:
+                raise ValueError("Guard: a train accuracy needs n_classes (its chance level)")
+            if logits is not None and (y is None or acc is not None):
+                raise ValueError("Guard: logits need the labels y (pass logits or acc, not both)")
             if logits is not None:
                 acc = (logits.detach().argmax(1) == y.to(logits.device)).float().mean()
             metrics["acc"] = device_scalar(acc, dev)
@@ -343,8 +344,7 @@ class Guard:
             self._ramp = 0
             self._scale_lr(self._ramp_factor())
         self.monitor.rewind(step)
-        if self.files is not None:  # the states after it belong to the abandoned run
-            self.files.drop_after(step, state_step)
+        drop_states_after(self._ring(), step)
         return step
 
     def _restore(self, state: dict[str, Any], lr_factor: float) -> int:

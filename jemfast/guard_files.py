@@ -6,7 +6,7 @@ kept; a state read back is checked against the live model and buffer before it i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -45,12 +45,6 @@ class GuardFiles:
         for old in self.ring()[self.keep:]:
             old.unlink(missing_ok=True)
         return path
-
-    def drop_after(self, step: int, state_step: Callable[[Path], int]) -> None:
-        """Remove the files of the iterations after ``step`` (an abandoned future)."""
-        for path in self.ring():
-            if state_step(path) > step:
-                path.unlink(missing_ok=True)
 
     @staticmethod
     def read(path: Path, model_state: dict[str, torch.Tensor], buffer_state: Any) -> dict[str, Any]:

@@ -17,7 +17,8 @@ from .process.errors import DivergenceExhausted, UserError
 from .process.log import get_logger
 from .rundir.checkpoint import fits_run, read_checkpoint, restore_training_state
 from .sgld.chain_init import make_init_fn
-from .stability.recovery import RecoveryAction, candidate_remedies, choose_target, recovery_action, restart, state_step
+from .stability.recovery import (RecoveryAction, candidate_remedies, choose_target, drop_states_after, recovery_action,
+                                 restart)
 
 log = get_logger("jemfast.train")  # its lines read as the trainer's
 
@@ -82,9 +83,7 @@ class RecoveryMixin:
         apply_optimizer_settings(self.cfg, self.optimizer)  # the target may predate a resume that changed them
         self.monitor.rewind(step)
         if ranks.is_main():
-            for path in ring:
-                if state_step(path) > step:
-                    path.unlink(missing_ok=True)
+            drop_states_after(ring, step)
         return step
 
     def _read_good_checkpoint(self, path: Path) -> dict[str, Any]:

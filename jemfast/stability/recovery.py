@@ -305,6 +305,14 @@ def state_step(path: Path) -> int:
     return int(path.stem.rsplit("-", 1)[-1])
 
 
+def drop_states_after(ring: Iterable[Path], step: int) -> None:
+    """Remove the good-state files of ``ring`` taken after iteration ``step``: after a rollback
+    to ``step`` they belong to the abandoned run."""
+    for path in ring:
+        if state_step(path) > step:
+            path.unlink(missing_ok=True)
+
+
 def choose_target(memory: list[GoodState], ring: list[Path], limit: int, read: Callable[[Path], T],
                   unusable: tuple[type[BaseException], ...]) -> tuple[int, dict[str, Any] | T]:
     """The newest good state at or before iteration ``limit``, from ``memory`` or the on-disk
